@@ -1,0 +1,27 @@
+# Two commands: `make demo` and `make test`. Each sets up .venv on first use.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+# CPU wheel (on these machines it lies on disk); a GPU user sets TORCH_SPEC to a CUDA build or installs torch first.
+TORCH_SPEC ?= torch==2.13.0
+STAMP    = $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" || $(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q -e ".[dev,notebooks]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/unike demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache
