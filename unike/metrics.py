@@ -1,0 +1,174 @@
+"""`evaluate`: reliability, generality and locality of an editing method, under named protocols.
+
+Protocols (docs/metrics.md gives the formulas and who uses each):
+* ``token_acc`` (UniKE, EasyEdit): teacher-forced share of target tokens whose argmax is the target
+  token; locality is the share of answer positions whose argmax is unchanged (top-1 agreement).
+* ``exact``: the greedy answer equals the target (after normalisation); locality is the share of
+  probes whose greedy answer is unchanged.
+
+A *method* is any object with ``model``, ``processor``, ``edit(case)``, ``reset()`` and a
+``disabled()`` context manager that gives the unedited model; a bare model is the "base" row.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.case import EditCase, load_image
+from .prompting import collate, encode, pad_id_of, tokenizer_of
+
+PROTOCOLS = ("token_acc", "exact")
+EDIT_METRICS = ("rel", "t_gen", "m_gen")
+LOC_METRICS = ("t_loc", "m_loc", "ci_loc", "ri_loc")
+METRICS = EDIT_METRICS + LOC_METRICS
+
+
+@dataclass
+class Probe:
+    metric: str
+    image: object
+    prompt: str
+    answer: str
+
+
+def probes(case: EditCase) -> list[Probe]:
+    """The probes an edit case carries (missing fields give no probe)."""
+    c = case
+    out = [Probe("rel", c.image, c.prompt, c.target)]
+    if c.rephrase_prompt:
+        out.append(Probe("t_gen", c.image, c.rephrase_prompt, c.target))
+    if c.rephrase_image is not None:
+        out.append(Probe("m_gen", c.rephrase_image, c.prompt, c.target))
+    if c.loc_prompt:
+        out.append(Probe("t_loc", None, c.loc_prompt, c.loc_answer))
+    if c.mloc_image is not None and c.mloc_prompt:
+        out.append(Probe("m_loc", c.mloc_image, c.mloc_prompt, c.mloc_answer))
+    if c.ci_prompt:
+        out.append(Probe("ci_loc", c.image, c.ci_prompt, c.ci_answer))
+    if c.ri_image is not None:
+        out.append(Probe("ri_loc", c.ri_image, c.prompt, c.ri_answer))
+    return out
+
+
+class Unedited:
+    """The base row: a model that never changes (reliability near 0, locality 100)."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+
+    def edit(self, case):
+        return self
+
+    def reset(self):
+        return self
+
+    def disabled(self):
+        return contextlib.nullcontext()
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def token_predictions(model, processor, items: Sequence[Probe], batch_size: int = 16) -> list[torch.Tensor]:
+    """Teacher-forced argmax ids at the answer positions, one 1-D tensor per probe."""
+    pad, out = pad_id_of(processor), []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        encs = [encode(processor, load_image(p.image), p.prompt, p.answer) for p in chunk]
+        batch = {k: v.to(_device(model)) for k, v in collate(encs, pad, side="right").items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, -labels.shape[1]:]
+        pred = logits[:, :-1].argmax(-1)
+        mask = labels[:, 1:] != -100
+        out += [pred[i][mask[i]].cpu() for i in range(len(chunk))]
+    return out
+
+
+def answer_ids(processor, items: Sequence[Probe]) -> list[torch.Tensor]:
+    """The answer's token ids as `encode` appends them."""
+    tok = tokenizer_of(processor)
+    return [torch.tensor(tok(" " + p.answer.strip(), add_special_tokens=False)["input_ids"]) for p in items]
+
+
+@torch.no_grad()
+def generations(model, processor, items: Sequence[Probe], batch_size: int = 16, max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers (new tokens only), batched with left padding."""
+    tok, pad, out = tokenizer_of(processor), pad_id_of(processor), []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        encs = [encode(processor, load_image(p.image), p.prompt) for p in chunk]
+        batch = {k: v.to(_device(model)) for k, v in collate(encs, pad, side="left").items()}
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out += [s.strip() for s in tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return out
+
+
+def _score(protocol, model, processor, items, base, batch_size):
+    """Per-probe scores in [0, 1]: edit probes against the target, locality probes against `base`."""
+    if protocol == "token_acc":
+        preds = token_predictions(model, processor, items, batch_size)
+        gold = answer_ids(processor, items)
+        scores = []
+        for p, pred, g, b in zip(items, preds, gold, base):
+            ref = g if p.metric in EDIT_METRICS else b
+            scores.append(float((pred == ref).float().mean()) if len(ref) else 0.0)
+        return scores
+    gens = generations(model, processor, items, batch_size)
+    return [float(normalize(g) == normalize(p.answer if p.metric in EDIT_METRICS else b))
+            for p, g, b in zip(items, gens, base)]
+
+
+def _base(protocol, model, processor, items, batch_size):
+    if protocol == "token_acc":
+        return token_predictions(model, processor, items, batch_size)
+    return generations(model, processor, items, batch_size)
+
+
+def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, mode: str = "one-step",
+             k: int = 1, processor=None, batch_size: int = 16, progress: bool = True) -> dict[str, float]:
+    """Mean scores in % for rel, t_gen, m_gen, t_loc, m_loc (and ci_loc, ri_loc when cases carry them).
+
+    ``mode="one-step"``: reset, edit one case, score its probes. ``mode="sequential"``: in chunks of
+    ``k`` cases, reset, edit all k in order, then score every probe of the k cases.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if mode not in ("one-step", "sequential"):
+        raise ValueError(f"unknown mode {mode!r}; choose 'one-step' or 'sequential'")
+    if isinstance(method, torch.nn.Module):
+        if processor is None:
+            raise ValueError("evaluate(model, ...) on a bare model needs processor=...")
+        method = Unedited(method, processor)
+    cases = list(cases)
+    if not cases:
+        raise ValueError("evaluate() got no cases")
+    step = 1 if mode == "one-step" else max(1, int(k))
+    model, proc = method.model, method.processor
+    per_case = [probes(c) for c in cases]
+    loc_items = [p for ps in per_case for p in ps if p.metric in LOC_METRICS]
+    with method.disabled():
+        base_loc = iter(_base(protocol, model, proc, loc_items, batch_size))
+    base = [[next(base_loc) if p.metric in LOC_METRICS else None for p in ps] for ps in per_case]
+    totals: dict[str, list[float]] = {}
+    chunks = range(0, len(cases), step)
+    for start in tqdm(chunks, desc=f"evaluate ({mode}, {protocol})", disable=not progress):
+        method.reset()
+        for case in cases[start:start + step]:
+            method.edit(case)
+        items = [p for ps in per_case[start:start + step] for p in ps]
+        refs = [b for bs in base[start:start + step] for b in bs]
+        for p, s in zip(items, _score(protocol, model, proc, items, refs, batch_size)):
+            totals.setdefault(p.metric, []).append(s)
+    method.reset()
+    return {m: 100.0 * sum(totals[m]) / len(totals[m]) for m in METRICS if m in totals}
