@@ -1,0 +1,458 @@
+"""The UniKE editor: fit (latent memory + contrastive spaces), edit, reset, detach, save, load.
+
+Attaching adds, in each edited decoder layer, two submodules (`unike_memory`, `unike_neurons`) and four
+hooks: the block's input x (pre-attention state) is recorded, the attention output is shifted toward the
+retrieved knowledge, the FFN input q is recorded, and the added neurons' output joins the FFN output.
+`detach()` removes exactly those, so the model is bit-identical to before.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data.case import EditCase, Triplet, load_image
+from .hooks import Hooks
+from .locate import locate
+from .memory import LatentMemory
+from .neurons import NeuronPatch
+from .prompting import IGNORE, collate, encode, pad_id_of
+from .roles import last_index, last_prompt_index, target_positions
+from .spaces import Spaces, train_spaces
+
+ZETA_CHOICES = ("truthful", "semantic", "random", "none")
+STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
+
+
+@dataclass
+class UniKEConfig:
+    """Every choice of the method; docs/method.md says which come from the paper and which are ours."""
+
+    layers: int | list[int] = 4          # the last N decoder layers, or explicit indices (paper: last 4)
+    layers_path: str | None = None       # override for `locate` when an architecture is not recognised
+    # intrinsic knowledge (neurons)
+    intrinsic: bool = True
+    n_neurons: int = 10                  # per edit and layer (paper: 10)
+    neuron_act: str = "relu"             # exact zero on inputs the neurons do not match (ours)
+    edit_steps: int = 40
+    edit_lr: float = 1e-2
+    margin_pos: float = 2.0              # pre-activation on the edit's own positions ≥ this
+    margin_neg: float = 1.0              # pre-activation on unrelated FFN inputs ≤ −this
+    act_weight: float = 1.0
+    neg_weight: float = 1.0
+    neg_memory_size: int = 4096          # FFN inputs kept from fit() as negatives for the activation loss
+    neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
+    # external knowledge (latent memory)
+    latent: bool = True
+    top_k: int = 40                      # paper: 40
+    temperature: float = 0.1
+    write_edit_to_memory: bool = True
+    # collaboration
+    collaboration: bool = True           # False: fixed α and no ζ (paper Table 4 row 4)
+    fixed_alpha: float | None = None     # a number fixes α (Fig. 4b); None = dynamic α from the semantic space
+    zeta: str = "truthful"               # truthful | semantic | random | none (Fig. 4c)
+    beta: float = 1.0
+    encoder_hidden: int = 256
+    truth_dim: int = 64
+    encoder_steps: int = 300
+    encoder_lr: float = 1e-4             # paper: Adam 1e-4
+    encoder_batch: int = 128
+    encoder_tau: float = 0.1
+    min_triplets: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.zeta not in ZETA_CHOICES:
+            raise ValueError(f"zeta must be one of {ZETA_CHOICES}, not {self.zeta!r}")
+        if not (self.intrinsic or self.latent):
+            raise ValueError("intrinsic and latent are both off: nothing would be edited; enable one")
+        if self.fixed_alpha is not None and not 0.0 <= self.fixed_alpha <= 1.0:
+            raise ValueError(f"fixed_alpha must lie in [0, 1], not {self.fixed_alpha}")
+
+    @property
+    def alpha(self) -> float | None:
+        if self.fixed_alpha is not None:
+            return self.fixed_alpha
+        return None if self.collaboration else 0.5
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Turn off gradients of the model's own parameters (not unike's) for a while, then restore the flags."""
+    flags = [(p, p.requires_grad) for n, p in model.named_parameters() if "unike_" not in n]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+class UniKE:
+    """UniKE on any HF (vision-)language model. See DESIGN.md for the public API."""
+
+    def __init__(self, model: nn.Module, processor=None, config: UniKEConfig | None = None):
+        self.model, self.processor = model, processor
+        self.config = cfg = config or UniKEConfig()
+        self.stack = locate(model, layers=cfg.layers_path)
+        n = len(self.stack)
+        ids = list(range(n - cfg.layers, n)) if isinstance(cfg.layers, int) else sorted(cfg.layers)
+        if not ids or any(not -n <= i < n for i in ids) or (isinstance(cfg.layers, int) and not 0 < cfg.layers <= n):
+            raise ValueError(f"layers={cfg.layers!r} is out of range for a decoder of {n} layers; "
+                             f"pass a count in 1..{n} or indices in 0..{n - 1}")
+        self.layer_ids = sorted({i % n for i in ids})
+        d = self.stack.hidden_size
+        torch.manual_seed(cfg.seed)
+        self.spaces = {l: Spaces(d, cfg.encoder_hidden, cfg.truth_dim) for l in self.layer_ids}
+        self.memory = {l: LatentMemory(d, self.spaces[l], cfg.top_k, cfg.temperature, cfg.alpha)
+                       for l in self.layer_ids}
+        self.neurons = {l: NeuronPatch(d, cfg.n_neurons, cfg.neuron_act, cfg.beta) for l in self.layer_ids}
+        self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}
+        self.fitted, self.n_edits, self._enabled, self._warned = False, 0, True, False
+        self._x: dict[int, Tensor] = {}
+        self._q: dict[int, Tensor] = {}
+        self.hooks = Hooks()
+        self._attach()
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def _attach(self) -> None:
+        for l in self.layer_ids:
+            layer = self.stack[l]
+            dev = next(layer.block.parameters()).device
+            for name, mod in (("unike_memory", self.memory[l]), ("unike_neurons", self.neurons[l])):
+                if hasattr(layer.block, name):
+                    raise RuntimeError(f"layer {l} already carries {name}: another UniKE editor is attached; "
+                                       "detach it first")
+                layer.block.add_module(name, mod.to(dev))
+            self.hooks.pre(layer.block, self._record_x(l), with_kwargs=True)
+            self.hooks.forward(layer.attn, self._shift(l))
+            self.hooks.pre(layer.mlp_in, self._record_q(l), with_kwargs=True)
+            self.hooks.forward(layer.mlp, self._add_neurons(l))
+
+    def _record_x(self, l):
+        def hook(module, args, kwargs):
+            self._x[l] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _record_q(self, l):
+        def hook(module, args, kwargs):
+            self._q[l] = args[0] if args else next(iter(kwargs.values()))
+        return hook
+
+    def _shift(self, l):
+        def hook(module, args, output):
+            memory = self.memory[l]
+            if not (self._enabled and self.config.latent and len(memory)):
+                return None
+            h = _first(output)
+            x = self._x[l]
+            if x.shape != h.shape:
+                return None        # e.g. cross-attention layers whose output is not per input token
+            shifted = self.stack[l].block.unike_memory(h, x)
+            return (shifted,) + tuple(output[1:]) if isinstance(output, tuple) else shifted
+        return hook
+
+    def _add_neurons(self, l):
+        def hook(module, args, output):
+            patch = self.neurons[l]
+            if not (self._enabled and self.config.intrinsic) or (patch.keys.shape[1] == 0 and patch.pending is None):
+                return None
+            out = _first(output)
+            delta = self.stack[l].block.unike_neurons(self._q[l]).reshape(out.shape)
+            out = out + delta
+            return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+        return hook
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The unedited model: every UniKE component is bypassed inside this block."""
+        before, self._enabled = self._enabled, False
+        try:
+            yield self.model
+        finally:
+            self._enabled = before
+
+    def _check_attached(self) -> None:
+        if self.hooks is None:
+            raise RuntimeError("this editor was detached; build a new UniKE(model, processor) to edit again")
+
+    # ----------------------------------------------------------------------------------------- inputs
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _inputs(self, item) -> dict[str, Tensor]:
+        """An EditCase, or an HF inputs dict with `labels` (-100 = ignore), as tensors on the model's device."""
+        if isinstance(item, EditCase):
+            if self.processor is None:
+                raise ValueError("editing an EditCase needs a processor: UniKE(model, processor); "
+                                 "or pass an inputs dict with `labels`")
+            c = item
+            inputs = encode(self.processor, load_image(c.image), c.prompt, c.target)
+        elif isinstance(item, Mapping):
+            inputs = dict(item)
+            if "labels" not in inputs or "input_ids" not in inputs:
+                raise ValueError("an inputs dict must hold `input_ids` and `labels` (-100 on prompt tokens)")
+            inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        else:
+            raise TypeError(f"edit() takes an EditCase or an inputs dict with labels, not {type(item).__name__}")
+        labels = inputs["labels"]
+        if labels.shape != inputs["input_ids"].shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                             f"{tuple(inputs['input_ids'].shape)}")
+        if not (labels != IGNORE).any(1).all():
+            raise ValueError("a row of labels has no target token (all -100): mark the answer tokens")
+        if not (target_positions(labels) | (labels != IGNORE)).any():
+            raise ValueError("labels mark no answer")
+        if labels[:, 0].ne(IGNORE).any():
+            raise ValueError("labels mark the first token: the prompt must come before the answer")
+        limit = getattr(self.stack.text_config, "max_position_embeddings", None)
+        if limit and inputs["input_ids"].shape[1] > limit:
+            raise ValueError(f"the edit input has {inputs['input_ids'].shape[1]} tokens, more than the model's "
+                             f"context of {limit}; shorten the prompt or the target")
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def _states(self, inputs: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+        """Base-model states of a batch with labels: h_sem, h_pos (pre-attention) and q at every position."""
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        with self.disabled():
+            self.model(**batch)
+        sem, fin = last_prompt_index(inputs["attention_mask"], inputs["labels"]), last_index(inputs["attention_mask"])
+        rows = torch.arange(len(sem), device=sem.device)
+        return {l: {"h_sem": self._x[l][rows, sem].float(), "h_pos": self._x[l][rows, fin].float(),
+                    "q": self._q[l].reshape(*inputs["input_ids"].shape, -1).float()} for l in self.layer_ids}
+
+    # ----------------------------------------------------------------------------------------- fit
+    def fit(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "UniKE":
+        """Build the latent memory from triplets and train the semantic and truthfulness spaces."""
+        self._check_attached()
+        triplets = list(triplets)
+        cfg = self.config
+        if len(triplets) < cfg.min_triplets:
+            raise ValueError(f"fit() got {len(triplets)} triplets; it needs at least {cfg.min_triplets} "
+                             "to train the contrastive spaces (the paper uses more than 15,000)")
+        if self.processor is None:
+            raise ValueError("fit() needs a processor: UniKE(model, processor)")
+        collected = {l: {"h_sem": [], "h_pos": [], "h_neg": [], "q": []} for l in self.layer_ids}
+        pad = pad_id_of(self.processor)
+        for start in tqdm(range(0, len(triplets), batch_size), desc="triplet states", disable=not progress):
+            chunk = triplets[start:start + batch_size]
+            images = [load_image(t.image) for t in chunk]
+            for key, answers in (("pos", [t.right for t in chunk]), ("neg", [t.wrong for t in chunk])):
+                encs = [encode(self.processor, im, t.question, a) for im, t, a in zip(images, chunk, answers)]
+                inputs = {k: v.to(self.device) for k, v in collate(encs, pad, side="right").items()}
+                states = self._states(inputs)
+                sem = last_prompt_index(inputs["attention_mask"], inputs["labels"])
+                rows = torch.arange(len(sem), device=sem.device)
+                for l, st in states.items():
+                    collected[l]["h_" + key].append(st["h_pos"].cpu())
+                    if key == "pos":
+                        collected[l]["h_sem"].append(st["h_sem"].cpu())
+                        collected[l]["q"].append(st["q"][rows, sem].cpu())
+        stacked = [{k: torch.cat(v) for k, v in collected[l].items()} for l in self.layer_ids]
+        spaces = [self.spaces[l] for l in self.layer_ids]
+        dev = self.device
+        for sp in spaces:
+            sp.cpu()
+        self.losses = train_spaces(spaces, stacked, steps=cfg.encoder_steps, batch_size=cfg.encoder_batch,
+                                   lr=cfg.encoder_lr, tau=cfg.encoder_tau, seed=cfg.seed, progress=progress)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for l, st in zip(self.layer_ids, stacked):
+            self.spaces[l].to(dev)
+            mem = self.memory[l]
+            mem.truncate(0)
+            mem.add(st["h_sem"], st["h_pos"])
+            mem.n_fit.fill_(len(mem))
+            keep = torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]
+            self.negatives[l] = st["q"][keep]
+            self.neurons[l].truth = self._zeta(l, st, gen).to(dev)
+        self.fitted = True
+        self.reset()
+        return self
+
+    def _zeta(self, l: int, st: dict[str, Tensor], gen: torch.Generator) -> Tensor:
+        sp, kind = self.spaces[l], self.config.zeta
+        if kind == "none" or not self.config.collaboration:
+            return torch.zeros(0)
+        with torch.no_grad():
+            if kind == "semantic":
+                s = sp.standardize
+                return (sp.sem(s(st["h_pos"])).mean(0) - sp.sem(s(st["h_neg"])).mean(0)).cpu()
+            if kind == "random":
+                return torch.randn(sp.zeta.shape, generator=gen) * sp.zeta.norm() / sp.zeta.numel() ** 0.5
+            return sp.zeta.detach().cpu().clone()
+
+    # ----------------------------------------------------------------------------------------- edit
+    def edit(self, item, *, progress: bool = False) -> dict[str, float]:
+        """Edit one fact: an EditCase or an HF inputs dict with labels. Repeated calls accumulate."""
+        self._check_attached()
+        inputs = self._inputs(item)
+        cfg = self.config
+        if not self.fitted and not self._warned:
+            warnings.warn("the external memory is empty (fit() was not called): editing with the intrinsic "
+                          "neurons alone; call editor.fit(triplets) for UniKE's latent knowledge", stacklevel=2)
+            self._warned = True
+        states = self._states(inputs)
+        if cfg.latent and self.fitted and cfg.write_edit_to_memory:
+            for l in self.layer_ids:
+                self.memory[l].add(states[l]["h_sem"], states[l]["h_pos"])
+        info = {"steps": 0, "loss": 0.0}
+        if cfg.intrinsic:
+            info = self._train_neurons(inputs, states, progress)
+        self.n_edits += 1
+        return info
+
+    def _train_neurons(self, inputs, states, progress) -> dict[str, float]:
+        cfg = self.config
+        labels = inputs["labels"]
+        pos_mask = target_positions(labels)                       # positions that predict target tokens
+        neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
+        rows, cols = pos_mask.nonzero(as_tuple=True)
+        assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
+        negatives = {}
+        for l in self.layer_ids:
+            q = states[l]["q"]
+            q_pos = q[rows, cols]                                           # [P, d]
+            neg = torch.cat([self.negatives[l].to(q), q[neg_mask]])
+            mu = neg.mean(0) if len(neg) else q.reshape(-1, q.shape[-1]).mean(0)
+            if len(self.negatives[l]):                                     # keep near-duplicates of the edit out
+                std = self.spaces[l].standardize
+                cos = F.normalize(std(neg), dim=-1) @ F.normalize(std(q_pos), dim=-1).T
+                neg = neg[cos.max(1).values < cfg.neg_exclude_cos]
+            negatives[l] = neg
+            dirs = q_pos[assign] - mu
+            keys = (dirs / dirs.pow(2).sum(-1, keepdim=True).clamp_min(1e-6)).T * cfg.margin_pos
+            bias = -(mu @ keys)
+            self.neurons[l].begin(keys, bias, use_zeta=cfg.collaboration and cfg.zeta != "none")
+        params = [p for l in self.layer_ids for p in self.neurons[l].pending.values()]
+        params += [p for l in self.layer_ids if self.neurons[l].w_zeta is not None
+                   for p in self.neurons[l].w_zeta.parameters()]
+        opt = torch.optim.Adam(params, lr=cfg.edit_lr)
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        tgt = labels[:, 1:]
+        step, loss = 0, torch.zeros(())
+        with frozen(self.model), torch.enable_grad():
+            for step in tqdm(range(1, cfg.edit_steps + 1), desc="edit", disable=not progress):
+                logits = self.model(**batch).logits[:, -labels.shape[1]:][:, :-1].float()
+                ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE)
+                correct = bool((logits.argmax(-1)[tgt != IGNORE] == tgt[tgt != IGNORE]).all())
+                act = neg_loss = torch.zeros((), device=logits.device)
+                n_new = cfg.n_neurons
+                for l in self.layer_ids:
+                    patch = self.neurons[l]
+                    q = self._q[l].reshape(*labels.shape, -1)
+                    z = patch.preactivation(q[rows, cols][assign])[:, -n_new:]         # [n, n] own positions
+                    act = act + F.relu(cfg.margin_pos - z.diagonal()).mean()
+                    if len(negatives[l]):
+                        zn = patch.preactivation(negatives[l])[:, -n_new:]
+                        neg_loss = neg_loss + F.relu(zn + cfg.margin_neg).mean()
+                loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
+                if correct and float(act) == 0 and float(neg_loss) == 0:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        for l in self.layer_ids:
+            self.neurons[l].commit()
+        return {"steps": step, "loss": float(loss)}
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def reset(self) -> "UniKE":
+        """Drop every edit (neurons and the edits' memory entries); keep the fitted memory and spaces."""
+        self._check_attached()
+        for l in self.layer_ids:
+            self.neurons[l].clear()
+            self.memory[l].truncate(int(self.memory[l].n_fit))
+        self.n_edits = 0
+        return self
+
+    def detach(self) -> nn.Module:
+        """Remove every hook and unike_* module: the model is bit-identical to before attaching."""
+        if self.hooks is None:
+            return self.model
+        self.hooks.remove()
+        for l in self.layer_ids:
+            for name in ("unike_memory", "unike_neurons"):
+                if hasattr(self.stack[l].block, name):
+                    delattr(self.stack[l].block, name)
+        self.hooks, self._x, self._q = None, {}, {}
+        return self.model
+
+    # ----------------------------------------------------------------------------------------- save / load
+    def state(self) -> dict[str, Tensor]:
+        out = {}
+        for l in self.layer_ids:
+            for k, v in self.spaces[l].state_dict().items():
+                out[f"spaces.{l}.{k}"] = v
+            mem, patch = self.memory[l], self.neurons[l]
+            out[f"memory.{l}.keys"], out[f"memory.{l}.values"], out[f"memory.{l}.n_fit"] = mem.keys, mem.values, mem.n_fit
+            for k in ("keys", "bias", "values", "zeta", "truth"):
+                out[f"neurons.{l}.{k}"] = getattr(patch, k)
+            out[f"negatives.{l}"] = self.negatives[l]
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def save(self, path) -> Path:
+        """Write `unike.safetensors` and `unike.json` into the folder `path`."""
+        self._check_attached()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.state(), str(path / STATE_FILE))
+        meta = {"config": asdict(self.config), "layer_ids": self.layer_ids, "num_layers": len(self.stack),
+                "hidden_size": self.stack.hidden_size, "fitted": self.fitted, "n_edits": self.n_edits,
+                "model_class": type(self.model).__name__}
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, model: nn.Module, processor, path) -> "UniKE":
+        """Rebuild an editor saved with `save` onto `model` (safetensors + JSON, never pickle)."""
+        path = Path(path)
+        for name in (STATE_FILE, CONFIG_FILE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} is missing; pass the folder written by editor.save()")
+        try:
+            meta = json.loads((path / CONFIG_FILE).read_text())
+            state = load_file(str(path / STATE_FILE))
+        except Exception as err:
+            raise ValueError(f"{path} holds a corrupt or truncated UniKE state ({err}); save it again") from err
+        known = {f.name for f in fields(UniKEConfig)}
+        config = UniKEConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        stack = locate(model, layers=config.layers_path)
+        if (len(stack), stack.hidden_size) != (meta["num_layers"], meta["hidden_size"]):
+            raise ValueError(f"the saved state is for a model with {meta['num_layers']} layers of width "
+                             f"{meta['hidden_size']}; this model has {len(stack)} of width {stack.hidden_size}")
+        editor = cls(model, processor, config)
+        try:
+            editor._load_state(state)
+        except Exception:
+            editor.detach()
+            raise
+        editor.fitted, editor.n_edits = meta["fitted"], meta["n_edits"]
+        return editor
+
+    def _load_state(self, state: dict[str, Tensor]) -> None:
+        for l in self.layer_ids:
+            dev = self.spaces[l].standardize.mean.device
+            sp = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"spaces.{l}.")}
+            self.spaces[l].load_state_dict(sp)
+            mem, patch = self.memory[l], self.neurons[l]
+            mem.keys, mem.values = state[f"memory.{l}.keys"].to(dev), state[f"memory.{l}.values"].to(dev)
+            mem.n_fit = state[f"memory.{l}.n_fit"].to(dev)
+            for k in ("keys", "bias", "values", "zeta", "truth"):
+                setattr(patch, k, state[f"neurons.{l}.{k}"].to(dev))
+            self.negatives[l] = state[f"negatives.{l}"]

@@ -1,0 +1,99 @@
+"""External knowledge: the latent memory of one layer and its feature shift (paper §3.2, Eq. 2 and 7).
+
+The memory stores, per entry, the key h_sem (the pre-attention state of a question's last token) and
+the value h_pos (the state of the final token of question + right answer). Every token's
+pre-attention state retrieves its top-K entries by cosine (standardised states), attends over their
+values (h_know), and the attention output is shifted toward the knowledge:
+
+    out = (1 − α) · h_attn + α · (h_know − x)
+
+which is the residual state (x + h_attn) mixed with h_know: α = 0 leaves the layer untouched, α = 1
+replaces the token's state by the retrieved knowledge. α = clamp(cos(Enc_sem(h_know), x), 0, 1) per
+token (the semantic space) or a fixed value.
+
+Per-token retrieval makes the shift independent of batch composition, padding and the KV cache: a
+token gets the same shift whether it is processed in the prefill or in a cached decoding step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .spaces import Spaces
+
+
+class Knowledge(nn.Module):
+    """h_know: softmax-weighted sum of the retrieved values; a module so nnsight can read or steer it."""
+
+    def forward(self, weights: Float[Tensor, "n k"], values: Float[Tensor, "n k d"]) -> Float[Tensor, "n d"]:
+        return torch.einsum("nk,nkd->nd", weights, values)
+
+
+class Alpha(nn.Module):
+    """α per token: clamp(cos(Enc_sem(h_know), x), 0, 1), or a fixed value."""
+
+    def __init__(self, fixed: float | None = None):
+        super().__init__()
+        self.fixed = fixed
+
+    def forward(self, enc_know: Float[Tensor, "n d"], x_std: Float[Tensor, "n d"]) -> Float[Tensor, "n"]:
+        if self.fixed is not None:
+            return enc_know.new_full(enc_know.shape[:1], float(self.fixed))
+        return F.cosine_similarity(enc_know, x_std, dim=-1).clamp(0, 1)
+
+
+class LatentMemory(nn.Module):
+    """One layer's (h_sem, h_pos) store, top-K retrieval and feature shift."""
+
+    def __init__(self, dim: int, spaces: Spaces, top_k: int = 40, temperature: float = 0.1,
+                 fixed_alpha: float | None = None, chunk: int = 16384):
+        super().__init__()
+        self.spaces = spaces                      # shared with the editor; not a second copy
+        self.top_k, self.temperature, self.chunk = top_k, temperature, chunk
+        self.know = Knowledge()
+        self.alpha = Alpha(fixed_alpha)
+        self.register_buffer("keys", torch.zeros(0, dim))      # standardised, unit-norm h_sem
+        self.register_buffer("values", torch.zeros(0, dim))    # raw h_pos
+        self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # first n_fit entries come from fit()
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def add(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"]) -> None:
+        keys = F.normalize(self.spaces.standardize(h_sem.float()), dim=-1)
+        self.keys = torch.cat([self.keys, keys.to(self.keys)])
+        self.values = torch.cat([self.values, h_pos.float().to(self.values)])
+
+    @torch.no_grad()
+    def truncate(self, n: int) -> None:
+        """Keep the first n entries (drop the edits' entries)."""
+        self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
+
+    def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
+        """Top-K cosine similarities and indices, computed in chunks of the memory (linear in its size)."""
+        k = min(self.top_k, len(self))
+        best_s = q.new_full((q.shape[0], 0), float("-inf"))
+        best_i = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)
+        for start in range(0, len(self), self.chunk):
+            sims = q @ self.keys[start:start + self.chunk].to(q).T
+            s, i = sims.topk(min(k, sims.shape[1]), dim=1)
+            best_s, order = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
+            best_i = torch.cat([best_i, i + start], 1).gather(1, order)
+        return best_s, best_i
+
+    def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"]) -> Float[Tensor, "b t d"]:
+        if len(self) == 0:
+            return h_attn
+        shape, dtype = h_attn.shape, h_attn.dtype
+        x2 = x.reshape(-1, shape[-1]).float()
+        x_std = self.spaces.standardize(x2)
+        sims, idx = self.retrieve(F.normalize(x_std, dim=-1))
+        weights = torch.softmax(sims / self.temperature, dim=-1)
+        h_know = self.know(weights, self.values.to(x2)[idx])
+        alpha = self.alpha(self.spaces.sem(self.spaces.standardize(h_know)), x_std)
+        a = alpha[:, None]
+        shifted = (1 - a) * h_attn.reshape(-1, shape[-1]).float() + a * (h_know - x2)
+        return shifted.reshape(shape).to(dtype)

@@ -1,0 +1,101 @@
+"""Held-out accuracy of the tiny model on its world, by teacher-forced argmax (and greedy on a subset)."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..data.world import ATTRIBUTES, CAPTION_PROMPTS, EVAL_SEED, FACTS, QUESTIONS, TEXT_QUESTIONS, SynthWorld
+from .batch import Encoder, Example
+
+
+@torch.no_grad()
+def teacher_forced(model, encoder: Encoder, examples: list[Example], batch_size: int = 64) -> list[bool]:
+    """For each example: does argmax reproduce every answer token and the EOS, given the true prefix?"""
+    was_training = model.training
+    model.eval()
+    ok: list[bool] = []
+    for i in range(0, len(examples), batch_size):
+        b = encoder.batch(examples[i:i + batch_size])
+        labels = b.pop("labels")
+        logits = model(**b).logits[:, :-1]
+        target, mask = labels[:, 1:], labels[:, 1:] != -100
+        hit = (logits.argmax(-1) == target) | ~mask
+        ok += hit.all(-1).tolist()
+    model.train(was_training)
+    return ok
+
+
+def eval_items(world: SynthWorld, per_cell: int | None = None, seed: int = 0) -> dict[str, list[Example]]:
+    """Held-out items: VQA per fact/attribute x paraphrase, text-only facts, captions, image-dependence pairs."""
+    rng = random.Random(f"eval-{world.seed}-{seed}")
+    ents = world.entities
+
+    def some(seq):
+        return seq if per_cell is None or per_cell >= len(seq) else rng.sample(seq, per_cell)
+
+    def render(e):
+        return world.render(e, rng.randrange(EVAL_SEED, 2**31))
+
+    items: dict[str, list[Example]] = {"vqa": [], "text": [], "caption": [], "swap": []}
+    for key in FACTS + ATTRIBUTES:
+        for q, question in enumerate(QUESTIONS[key]):
+            for e in some(ents):
+                items["vqa"].append(Example(render(e), question, e.get(key), tag=f"{key}/{q}"))
+    for rel, subj, ans in some(world.text_facts()):
+        for q in range(len(TEXT_QUESTIONS[rel])):
+            items["text"].append(Example(None, world.text_question(rel, subj, q), ans, tag=rel))
+    for e in some(ents):
+        for prompt in CAPTION_PROMPTS:
+            items["caption"].append(Example(render(e), prompt, world.caption(e), tag="caption"))
+    for ex in items["vqa"]:  # the same question over another entity's image, whose answer differs
+        key = ex.tag.split("/")[0]
+        if key in FACTS:
+            other = rng.choice([o for o in ents if o.get(key) != ex.answer])
+            items["swap"].append(Example(render(other), ex.question, other.get(key), tag=ex.tag))
+    return items
+
+
+def _pct(xs) -> float:
+    xs = list(xs)
+    return round(100.0 * sum(xs) / max(1, len(xs)), 2)
+
+
+def evaluate_tiny(model, processor, world: SynthWorld | None = None, per_cell: int | None = None, seed: int = 0,
+                  greedy: int = 0) -> dict:
+    """Accuracies in %: VQA (facts; per fact, per paraphrase), attributes, text-only, caption, image dependence.
+
+    Image dependence = share of (item, other-entity item) pairs, same question, different true answers,
+    where both answers are right. `greedy` > 0 also runs `answer()` on that many items per group and
+    reports its accuracy and its agreement with teacher forcing.
+    """
+    world = world or SynthWorld(0)
+    enc = Encoder(processor.tokenizer)
+    items = eval_items(world, per_cell, seed)
+    ok = {k: teacher_forced(model, enc, v) for k, v in items.items()}
+    vqa = [(ex.tag, r) for ex, r in zip(items["vqa"], ok["vqa"])]
+    fact_cells = [(t, r) for t, r in vqa if t.split("/")[0] in FACTS]
+    fact_ok = [r for ex, r in zip(items["vqa"], ok["vqa"]) if ex.tag.split("/")[0] in FACTS]
+    m = {
+        "vqa": _pct(r for _, r in fact_cells),
+        "attributes": _pct(r for t, r in vqa if t.split("/")[0] in ATTRIBUTES),
+        "text": _pct(ok["text"]),
+        "caption": _pct(ok["caption"]),
+        "image_dependence": _pct(a and b for a, b in zip(fact_ok, ok["swap"])),
+        "per_key": {k: _pct(r for t, r in vqa if t.split("/")[0] == k) for k in FACTS + ATTRIBUTES},
+        "per_cell": {t: _pct(r for t2, r in vqa if t2 == t) for t in dict.fromkeys(t for t, _ in vqa)},
+        "text_per_relation": {rel: _pct(r for ex, r in zip(items["text"], ok["text"]) if ex.tag == rel)
+                              for rel in TEXT_QUESTIONS},
+        "n_items": {k: len(v) for k, v in items.items()},
+    }
+    if greedy:
+        from ..answer import answer
+
+        agree, right = [], []
+        for k in ("vqa", "text", "caption"):
+            for ex, tf in list(zip(items[k], ok[k]))[:: max(1, len(items[k]) // greedy)][:greedy]:
+                said = answer(model, processor, ex.image, ex.question)
+                right.append(said == ex.answer)
+                agree.append((said == ex.answer) == tf)
+        m["greedy"] = {"n": len(right), "accuracy": _pct(right), "agrees_with_teacher_forced": _pct(agree)}
+    return m
