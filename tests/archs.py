@@ -61,6 +61,9 @@ VISION = dict(  # CLIP / SigLIP style vision config
 
 @dataclass
 class Arch:
+    """A built tiny model. ``extra`` holds builder flags, e.g. ``forces_cache``: ``generate`` runs the text model
+    from ``inputs_embeds``, and transformers then turns ``use_cache=False`` into True (BLIP-2, InstructBLIP)."""
+
     name: str
     model: nn.Module
     inputs: dict[str, torch.Tensor]
@@ -496,7 +499,8 @@ def blip2() -> Arch:
     ids = _ids([IMG] * 4, BOS, _words(5, 0))
     return _finish("blip2", tf.Blip2ForConditionalGeneration, cfg,
                    dict(input_ids=ids, pixel_values=_pixels(1, 3, 32, 32)), IMG,
-                   notes="OPT: no MLP wrapper; fc2 output is flattened [B*T, H]")
+                   notes="OPT: no MLP wrapper; fc2 output is flattened [B*T, H]; generate always caches",
+                   forces_cache=True)
 
 
 def instructblip() -> Arch:
@@ -511,7 +515,8 @@ def instructblip() -> Arch:
     q = _ids(_words(4, 1))
     inputs = dict(input_ids=ids, pixel_values=_pixels(1, 3, 32, 32), qformer_input_ids=q,
                   qformer_attention_mask=torch.ones_like(q))
-    return _finish("instructblip", tf.InstructBlipForConditionalGeneration, cfg, inputs, IMG)
+    return _finish("instructblip", tf.InstructBlipForConditionalGeneration, cfg, inputs, IMG,
+                   notes="generate always caches", forces_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,36 +239,51 @@ class UniKE:
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "UniKE":
-        """Build the latent memory from triplets and train the semantic and truthfulness spaces."""
+        """Build the latent memory from (image, question, right, wrong) triplets and train the spaces."""
         self._check_attached()
         triplets = list(triplets)
-        cfg = self.config
-        if len(triplets) < cfg.min_triplets:
-            raise ValueError(f"fit() got {len(triplets)} triplets; it needs at least {cfg.min_triplets} "
-                             "to train the contrastive spaces (the paper uses more than 15,000)")
+        self._check_count(len(triplets))
         if self.processor is None:
-            raise ValueError("fit() needs a processor: UniKE(model, processor)")
-        collected = {l: {"h_sem": [], "h_pos": [], "h_neg": [], "q": []} for l in self.layer_ids}
+            raise ValueError("fit(triplets) needs a processor: UniKE(model, processor); without one, "
+                             "call fit_inputs() with inputs dicts that carry labels")
         pad = pad_id_of(self.processor)
-        for start in tqdm(range(0, len(triplets), batch_size), desc="triplet states", disable=not progress):
-            chunk = triplets[start:start + batch_size]
-            images = [load_image(t.image) for t in chunk]
-            for key, answers in (("pos", [t.right for t in chunk]), ("neg", [t.wrong for t in chunk])):
-                encs = [encode(self.processor, im, t.question, a) for im, t, a in zip(images, chunk, answers)]
-                inputs = {k: v.to(self.device) for k, v in collate(encs, pad, side="right").items()}
-                states = self._states(inputs)
-                sem = last_prompt_index(inputs["attention_mask"], inputs["labels"])
-                rows = torch.arange(len(sem), device=sem.device)
-                for l, st in states.items():
-                    collected[l]["h_" + key].append(st["h_pos"].cpu())
-                    if key == "pos":
-                        collected[l]["h_sem"].append(st["h_sem"].cpu())
-                        collected[l]["q"].append(st["q"][rows, sem].cpu())
+
+        def pairs():
+            for start in range(0, len(triplets), batch_size):
+                chunk = triplets[start:start + batch_size]
+                images = [load_image(t.image) for t in chunk]
+                yield tuple(collate([encode(self.processor, im, t.question, getattr(t, side))
+                                     for im, t in zip(images, chunk)], pad, side="right")
+                            for side in ("right", "wrong"))
+        return self.fit_inputs(pairs(), total=-(-len(triplets) // batch_size), progress=progress)
+
+    def _check_count(self, n: int) -> None:
+        if n < self.config.min_triplets:
+            raise ValueError(f"fit() got {n} triplets; it needs at least {self.config.min_triplets} "
+                             "to train the contrastive spaces (the paper uses more than 15,000)")
+
+    def fit_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
+                   progress: bool = True) -> "UniKE":
+        """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
+        self._check_attached()
+        cfg = self.config
+        collected = {l: {"h_sem": [], "h_pos": [], "h_neg": [], "q": []} for l in self.layer_ids}
+        for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
+            pos, neg = self._inputs(pos), self._inputs(neg)
+            sem = last_prompt_index(pos["attention_mask"], pos["labels"])
+            rows = torch.arange(len(sem), device=sem.device)
+            for l, st in self._states(pos).items():
+                collected[l]["h_sem"].append(st["h_sem"].cpu())
+                collected[l]["h_pos"].append(st["h_pos"].cpu())
+                collected[l]["q"].append(st["q"][rows, sem].cpu())
+            for l, st in self._states(neg).items():
+                collected[l]["h_neg"].append(st["h_pos"].cpu())
         stacked = [{k: torch.cat(v) for k, v in collected[l].items()} for l in self.layer_ids]
-        spaces = [self.spaces[l] for l in self.layer_ids]
+        self._check_count(stacked[0]["h_sem"].shape[0])
+        if stacked[0]["h_neg"].shape[0] != stacked[0]["h_pos"].shape[0]:
+            raise ValueError("fit_inputs() needs as many wrong-answer rows as right-answer rows")
         dev = self.device
-        for sp in spaces:
-            sp.cpu()
+        spaces = [self.spaces[l].cpu() for l in self.layer_ids]
         self.losses = train_spaces(spaces, stacked, steps=cfg.encoder_steps, batch_size=cfg.encoder_batch,
                                    lr=cfg.encoder_lr, tau=cfg.encoder_tau, seed=cfg.seed, progress=progress)
         gen = torch.Generator().manual_seed(cfg.seed)

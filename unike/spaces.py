@@ -118,7 +118,7 @@ def train_spaces(spaces: list[Spaces], states: list[dict[str, Tensor]], *, steps
         opt.zero_grad()
         (l_tru + l_sem).backward()
         opt.step()
-        curve.append({"truth": float(l_tru) / len(spaces), "semantic": float(l_sem) / len(spaces)})
+        curve.append({"truth": l_tru.item() / len(spaces), "semantic": l_sem.item() / len(spaces)})
     for sp, st in zip(spaces, states):
         sp.compute_zeta(st["h_pos"], st["h_neg"])
     return curve

@@ -81,9 +81,10 @@ def _groups(named_params, scale: float) -> list[dict]:
     return [{"params": decay, "weight_decay": WD, "scale": scale}, {"params": rest, "weight_decay": 0.0, "scale": scale}]
 
 
-def _labels(examples: list[Example]) -> dict:
-    keys = ("entity", "colour", "shape", "pattern")
-    return {k: torch.tensor([ex.aux[k] for ex in examples if ex.image is not None]) for k in keys}
+def _labels(auxes: list[dict]) -> dict:
+    """Stack the heads' class labels of the image items (text-only items have an empty `aux`)."""
+    auxes = [a for a in auxes if a]
+    return {k: torch.tensor([a[k] for a in auxes]) for k in ("entity", "colour", "shape", "pattern")}
 
 
 def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 3300, stage2_steps: int = 2200, batch_size: int = 64,
@@ -114,7 +115,7 @@ def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 3300, stage2_steps: i
             g["lr"] = LR * _cosine(step, stage1_steps, 50, 0.1)
         ents = [rng.choice(world.entities) for _ in range(batch_size)]
         px = torch.stack([pixels(world.render(e, rng.randrange(EVAL_SEED))) for e in ents])
-        loss, acc = heads(vision(px).last_hidden_state, _labels([Example(1, "", "", _aux_labels(e)) for e in ents]))
+        loss, acc = heads(vision(px).last_hidden_state, _labels([_aux_labels(e) for e in ents]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(opt.param_groups[0]["params"] + opt.param_groups[1]["params"], 1.0)
@@ -145,7 +146,7 @@ def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 3300, stage2_steps: i
         loss = model(**enc.batch(examples)).loss
         aux = torch.zeros(())
         if not frozen and "h" in captured:
-            aux, _ = heads(captured["h"], _labels(examples))
+            aux, _ = heads(captured["h"], _labels([ex.aux for ex in examples]))
         captured.clear()
         opt.zero_grad(set_to_none=True)
         (loss + aux).backward()

@@ -1,0 +1,140 @@
+"""Editor mechanics on a random tiny LLaVA: exactness of detach, save/load, KV cache, nnsight names."""
+import warnings
+
+import pytest
+import torch
+
+import unike
+from archs import ARCHS
+from labelled import fit_pairs, with_answer
+
+CFG = dict(layers=2, encoder_steps=5, min_triplets=8, edit_steps=30)
+
+
+@pytest.fixture
+def arch():
+    return ARCHS["llava"]()
+
+
+def _edited(arch, fit=True, **over):
+    editor = unike.UniKE(arch.model, None, unike.UniKEConfig(**{**CFG, **over}))
+    if fit:
+        editor.fit_inputs(fit_pairs(arch.inputs, 12), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        editor.edit(with_answer(arch.inputs, [7, 9]))
+    return editor
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_edit_makes_labels_argmax_and_detach_is_exact(arch):
+    before = _logits(arch.model, arch.inputs)
+    keys = list(arch.model.state_dict())
+    editor = _edited(arch)
+    batch = with_answer(arch.inputs, [7, 9])
+    labels = batch.pop("labels")
+    pred = _logits(arch.model, batch)[:, :-1].argmax(-1)[labels[:, 1:] != -100]
+    assert pred.tolist() == [7, 9]
+    assert any("unike_" in k for k in arch.model.state_dict())
+    editor.detach()
+    assert torch.equal(_logits(arch.model, arch.inputs), before)
+    assert list(arch.model.state_dict()) == keys
+    editor.detach()  # idempotent
+
+
+def test_edit_before_fit_warns_once(arch):
+    editor = unike.UniKE(arch.model, None, unike.UniKEConfig(**CFG))
+    with pytest.warns(UserWarning, match="external memory is empty"):
+        editor.edit(with_answer(arch.inputs, [7, 9]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        editor.edit(with_answer(arch.inputs, [5, 6]))
+    assert editor.n_edits == 2
+
+
+def test_save_load_is_bit_identical(arch, tmp_path):
+    editor = _edited(arch)
+    edited = _logits(arch.model, arch.inputs)
+    editor.save(tmp_path / "state")
+    editor.detach()
+    again = unike.UniKE.load(arch.model, None, tmp_path / "state")
+    assert torch.equal(_logits(arch.model, arch.inputs), edited)
+    assert again.n_edits == 1 and again.fitted
+
+
+def test_generate_same_with_and_without_cache(arch):
+    _edited(arch)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = arch.model.generate(**arch.inputs, use_cache=True, **kw)
+        fresh = arch.model.generate(**arch.inputs, use_cache=False, **kw)
+    assert torch.equal(cached, fresh)
+
+
+def test_reset_restores_unedited_outputs_and_keeps_memory(arch):
+    editor = unike.UniKE(arch.model, None, unike.UniKEConfig(**CFG))
+    editor.fit_inputs(fit_pairs(arch.inputs, 12), progress=False)
+    fitted = _logits(arch.model, arch.inputs)
+    n_fit = len(editor.memory[1])
+    editor.edit(with_answer(arch.inputs, [7, 9]))
+    assert len(editor.memory[1]) == n_fit + 1
+    editor.reset()
+    assert len(editor.memory[1]) == n_fit
+    assert torch.equal(_logits(arch.model, arch.inputs), fitted)
+
+
+def test_disabled_gives_the_base_model(arch):
+    before = _logits(arch.model, arch.inputs)
+    editor = _edited(arch)
+    with editor.disabled():
+        assert torch.equal(_logits(arch.model, arch.inputs), before)
+
+
+def test_other_hooks_survive(arch):
+    calls = []
+    handle = arch.model.model.language_model.layers[-1].mlp.register_forward_hook(lambda m, a, o: calls.append(1))
+    editor = _edited(arch)
+    editor.detach()
+    calls.clear()
+    _logits(arch.model, arch.inputs)
+    assert calls == [1]
+    handle.remove()
+
+
+def test_nnsight_reads_and_steers_alpha_and_neurons(arch):
+    from nnsight import NNsight
+
+    editor = _edited(arch)
+    layer = editor.layer_ids[-1]
+    traced = NNsight(arch.model)
+    with traced.trace(**arch.inputs):
+        blk = traced.model.language_model.layers[layer]
+        alpha = blk.unike_memory.alpha.output.save()
+        acts = blk.unike_neurons.activation.output.save()
+        logits = traced.output.logits.save()
+    assert alpha.shape[0] == arch.inputs["input_ids"].numel()
+    assert acts.shape[-1] == editor.neurons[layer].keys.shape[1]
+    with traced.trace(**arch.inputs):
+        blk = traced.model.language_model.layers[layer]
+        blk.unike_neurons.activation.output[:] = 0
+        blk.unike_memory.alpha.output[:] = 0
+        steered = traced.output.logits.save()
+    assert not torch.equal(steered, logits)
+
+
+def test_bad_layers_and_labels_raise_before_changes(arch):
+    before = _logits(arch.model, arch.inputs)
+    with pytest.raises(ValueError, match="out of range"):
+        unike.UniKE(arch.model, None, unike.UniKEConfig(layers=5))
+    editor = unike.UniKE(arch.model, None, unike.UniKEConfig(**CFG))
+    bad = with_answer(arch.inputs, [7])
+    bad["labels"][:] = -100
+    with pytest.raises(ValueError, match="no target token"):
+        editor.edit(bad)
+    with pytest.raises(ValueError, match="at least"):
+        editor.fit_inputs(fit_pairs(arch.inputs, 2), progress=False)
+    assert torch.equal(_logits(arch.model, arch.inputs), before)
