@@ -736,6 +736,25 @@ def ovis2() -> Arch:
                    dict(input_ids=ids, pixel_values=_pixels(1, 3, 32, 32)), IMG)
 
 
+def pix2struct() -> Arch:
+    """T5-style encoder-decoder whose *encoder is the vision tower*; inputs have no ``input_ids`` (the text prompt
+    is the decoder prompt), so this builder lives in ``EXTRA_ARCHS``, not ``ARCHS``."""
+    cfg = tf.Pix2StructConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=T_HIDDEN, d_kv=8, d_ff=64, num_layers=T_LAYERS, num_heads=4,
+                         pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD),
+        # the decoder's cross-attention needs encoder width == decoder width: deeper vision, same width here
+        vision_config=dict(hidden_size=T_HIDDEN, patch_embed_hidden_size=8 * 8 * 3, d_ff=128, d_kv=8,
+                           num_hidden_layers=V_LAYERS, num_attention_heads=4, seq_len=16),
+    )
+    rows, cols = torch.meshgrid(torch.arange(1, 5.0), torch.arange(1, 5.0), indexing="ij")
+    patches = torch.cat([rows.reshape(16, 1), cols.reshape(16, 1), _pixels(16, 8 * 8 * 3)], -1)[None]
+    inputs = dict(flattened_patches=patches, attention_mask=torch.ones(1, 16, dtype=torch.long),
+                  decoder_input_ids=_ids(PAD, _words(2, 0)))
+    torch.manual_seed(0)
+    model = tf.Pix2StructForConditionalGeneration(cfg).eval()
+    return Arch("pix2struct", model, inputs, None, "T5-style sub-layers add their own residual; no input_ids")
+
+
 ARCHS: dict[str, Callable[[], Arch]] = {
     f.__name__: f
     for f in [
@@ -745,3 +764,6 @@ ARCHS: dict[str, Callable[[], Arch]] = {
         lfm2_vl, kosmos2, fuyu, git, florence2, blip, idefics, janus, ovis2,
     ]
 }
+
+# Builders whose inputs do not follow the ARCHS contract (no ``input_ids``); the conformance matrix runs them too.
+EXTRA_ARCHS: dict[str, Callable[[], Arch]] = {"pix2struct": pix2struct}

@@ -74,6 +74,15 @@ def _gated_off(layer) -> bool:
     return layer.attn_kind == "cross" and hasattr(layer.block, "cross_attn_mlp_gate")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models are faster on one thread; two threads on two shared cores are 10x slower at worst."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def arch(request):
     a = ARCHS[request.param]()

@@ -13,7 +13,10 @@ CFG = dict(layers=2, encoder_steps=5, min_triplets=8, edit_steps=30)
 
 @pytest.fixture
 def arch():
-    return ARCHS["llava"]()
+    arch = ARCHS["llava"]()
+    with torch.no_grad():  # a random lm_head is nearly flat after the final norm; make its argmax decisive
+        arch.model.get_output_embeddings().weight.mul_(30)
+    return arch
 
 
 def _edited(arch, fit=True, **over):
@@ -120,8 +123,8 @@ def test_nnsight_reads_and_steers_alpha_and_neurons(arch):
     assert acts.shape[-1] == editor.neurons[layer].keys.shape[1]
     with traced.trace(**arch.inputs):
         blk = traced.model.language_model.layers[layer]
-        blk.unike_neurons.activation.output[:] = 0
         blk.unike_memory.alpha.output[:] = 0
+        blk.unike_neurons.activation.output[:] = 0
         steered = traced.output.logits.save()
     assert not torch.equal(steered, logits)
 

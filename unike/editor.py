@@ -30,6 +30,7 @@ from .roles import last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
+MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
 
 
@@ -237,6 +238,37 @@ class UniKE:
         return {l: {"h_sem": self._x[l][rows, sem].float(), "h_pos": self._x[l][rows, fin].float(),
                     "q": self._q[l].reshape(*inputs["input_ids"].shape, -1).float()} for l in self.layer_ids}
 
+    @torch.no_grad()
+    def _attn_values(self, l: int, h: Tensor, batch_size: int = 256) -> Tensor:
+        """Attn(h, h, h) of layer l for each state h: the attention output of a one-token sequence whose
+        state entering layer l is h (a token attending only to itself gets o_proj(v_proj(norm(h))))."""
+        block, attn = self.stack[l].block, self.stack[l].attn
+        token = getattr(self.stack.text_config, "bos_token_id", None) or 0
+        out = []
+
+        class Done(Exception):
+            pass
+
+        for chunk in h.split(batch_size):
+            hs = chunk[:, None].to(self.device, next(block.parameters()).dtype)
+
+            def put(module, args, kwargs):
+                return ((hs,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hs})
+
+            def take(module, args, output):
+                out.append(_first(output)[:, 0].float().cpu())
+                raise Done
+
+            with Hooks() as hooks, self.disabled():
+                hooks.pre(block, put, with_kwargs=True, prepend=True)
+                hooks.forward(attn, take, prepend=True)
+                ids = torch.full((len(chunk), 1), int(token), device=self.device)
+                try:
+                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                except Done:
+                    pass
+        return torch.cat(out).to(h)
+
     # ----------------------------------------------------------------------------------------- fit
     def fit(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "UniKE":
         """Build the latent memory from (image, question, right, wrong) triplets and train the spaces."""
@@ -291,7 +323,7 @@ class UniKE:
             self.spaces[l].to(dev)
             mem = self.memory[l]
             mem.truncate(0)
-            mem.add(st["h_sem"], st["h_pos"])
+            mem.add(st["h_sem"], st["h_pos"], self._attn_values(l, st["h_pos"]))
             mem.n_fit.fill_(len(mem))
             keep = torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]
             self.negatives[l] = st["q"][keep]
@@ -325,7 +357,8 @@ class UniKE:
         states = self._states(inputs)
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:
             for l in self.layer_ids:
-                self.memory[l].add(states[l]["h_sem"], states[l]["h_pos"])
+                h_pos = states[l]["h_pos"]
+                self.memory[l].add(states[l]["h_sem"], h_pos, self._attn_values(l, h_pos))
         info = {"steps": 0, "loss": 0.0}
         if cfg.intrinsic:
             info = self._train_neurons(inputs, states, progress)
@@ -415,7 +448,8 @@ class UniKE:
             for k, v in self.spaces[l].state_dict().items():
                 out[f"spaces.{l}.{k}"] = v
             mem, patch = self.memory[l], self.neurons[l]
-            out[f"memory.{l}.keys"], out[f"memory.{l}.values"], out[f"memory.{l}.n_fit"] = mem.keys, mem.values, mem.n_fit
+            for k in MEMORY_BUFFERS:
+                out[f"memory.{l}.{k}"] = getattr(mem, k)
             for k in ("keys", "bias", "values", "zeta", "truth"):
                 out[f"neurons.{l}.{k}"] = getattr(patch, k)
             out[f"negatives.{l}"] = self.negatives[l]
@@ -466,8 +500,8 @@ class UniKE:
             sp = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"spaces.{l}.")}
             self.spaces[l].load_state_dict(sp)
             mem, patch = self.memory[l], self.neurons[l]
-            mem.keys, mem.values = state[f"memory.{l}.keys"].to(dev), state[f"memory.{l}.values"].to(dev)
-            mem.n_fit = state[f"memory.{l}.n_fit"].to(dev)
+            for k in MEMORY_BUFFERS:
+                setattr(mem, k, state[f"memory.{l}.{k}"].to(dev))
             for k in ("keys", "bias", "values", "zeta", "truth"):
                 setattr(patch, k, state[f"neurons.{l}.{k}"].to(dev))
             self.negatives[l] = state[f"negatives.{l}"]

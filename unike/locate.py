@@ -34,6 +34,7 @@ and FFN outputs, which is where UniKE adds its latent and intrinsic knowledge. I
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -224,7 +225,7 @@ def _expected(text_config) -> tuple[set[int], int | None]:
     """Acceptable layer counts and the hidden size from the text config (empty / None when unknown)."""
     if text_config is None:
         return set(), None
-    counts = {c for c in (_cfg_int(text_config, "decoder_layers"),
+    counts = {c for c in (_cfg_int(text_config, "decoder_layers"), _cfg_int(text_config, "num_decoder_layers"),
                           _cfg_int(text_config, "num_hidden_layers", "num_layers", "n_layer", "n_layers"))
               if c is not None}
     width = _cfg_int(text_config, "hidden_size", "d_model", "n_embd", "embed_dim", "dim")
@@ -271,8 +272,39 @@ def _first_child(block: nn.Module, names) -> tuple[str, nn.Module] | None:
     return None
 
 
+def _takes_residual(mod: nn.Module) -> bool:
+    try:
+        return "residual" in inspect.signature(mod.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _pre_residual(block: nn.Module, rel: str) -> str:
+    """Descend from a sub-layer that adds the residual itself to the module whose output comes before it."""
+    mod = _get(block, rel)
+    kids = mod._modules
+    # T5 / Pix2Struct / UDOP wrappers: norm -> inner module -> dropout, residual added in the wrapper
+    if any("norm" in k.lower() for k in kids):
+        for inner in ("SelfAttention", "attention", "DenseReluDense"):
+            if isinstance(kids.get(inner), nn.Module):
+                return f"{rel}.{inner}"
+    # Bloom: forward(hidden_states, residual, ...) adds the residual; its last Linear is the output projection
+    if _takes_residual(mod):
+        linears = [n for n, c in mod.named_children() if isinstance(c, nn.Linear)]
+        if linears:
+            return f"{rel}.{linears[-1]}"
+    return rel
+
+
 def _resolve_layer(block: nn.Module) -> tuple[dict[str, str], str]:
     """Relative paths of attn / mlp / mlp_in inside one decoder layer, plus the attention kind."""
+    # T5 style: block.layer = [self-attention sub-layer, (cross-attention sub-layer), FF sub-layer]
+    subs = block._modules.get("layer")
+    if isinstance(subs, nn.ModuleList) and len(subs) >= 2 and "SelfAttention" in subs[0]._modules \
+            and "DenseReluDense" in subs[-1]._modules:
+        ff = f"layer.{len(subs) - 1}.DenseReluDense"
+        return {"attn": "layer.0.SelfAttention", "mlp": ff, "mlp_in": ff}, "self"
+
     rel: dict[str, str] = {}
     kind = "self"
     # --- attention: BERT/GIT style first (attention = self + output; output adds the residual and a LayerNorm)
@@ -287,11 +319,14 @@ def _resolve_layer(block: nn.Module) -> tuple[dict[str, str], str]:
                 break
         if hit is None:
             raise LocateError(f"no attention module in {type(block).__name__}; children: {list(block._modules)}")
-        rel["attn"], kind = hit
+        rel["attn"], kind = _pre_residual(block, hit[0]), hit[1]
     # --- FFN
     ffn = _first_child(block, _FFN_NAMES)
     if ffn is not None:
-        rel["mlp"] = rel["mlp_in"] = ffn[0]
+        rel["mlp_in"] = ffn[0]
+        rel["mlp"] = _pre_residual(block, ffn[0])
+        if rel["mlp"].endswith("DenseReluDense"):
+            rel["mlp_in"] = rel["mlp"]  # the wrapper's input is not yet normalised
     elif isinstance(block._modules.get("fc2"), nn.Module) and isinstance(block._modules.get("fc1"), nn.Module):
         rel["mlp"], rel["mlp_in"] = "fc2", "fc1"  # OPT / BART / Florence-2: no wrapper module
     elif "intermediate" in block._modules and isinstance(_get(block, "output.dense"), nn.Linear):

@@ -2,14 +2,16 @@
 
 The memory stores, per entry, the key h_sem (the pre-attention state of a question's last token) and
 the value h_pos (the state of the final token of question + right answer). Every token's
-pre-attention state retrieves its top-K entries by cosine (standardised states), attends over their
-values (h_know), and the attention output is shifted toward the knowledge:
+pre-attention state x retrieves its top-K entries by cosine (standardised states) and attends over them
+with weights w = softmax(cos / T). As in the paper's derivation (App. A), the knowledge enters through
+the layer's own value and output projections: each entry also stores v = Attn(h_pos, h_pos, h_pos),
+the attention output of the entry attending to itself (= o_proj(v_proj(norm(h_pos))), computed once
+by the model itself), so that
 
-    out = (1 − α) · h_attn + α · (h_know − x)
+    h_know = Σ w_i v_i                      (what attending to the knowledge tokens would add)
+    out    = (1 − α) · h_attn + α · h_know  (the attention output, before the residual add)
 
-which is the residual state (x + h_attn) mixed with h_know: α = 0 leaves the layer untouched, α = 1
-replaces the token's state by the retrieved knowledge. α = clamp(cos(Enc_sem(h_know), x), 0, 1) per
-token (the semantic space) or a fixed value.
+α = clamp(cos(Enc_sem(Σ w_i h_pos,i), x), 0, 1) per token (the semantic space), or a fixed value.
 
 Per-token retrieval makes the shift independent of batch composition, padding and the KV cache: a
 token gets the same shift whether it is processed in the prefill or in a cached decoding step.
@@ -25,7 +27,7 @@ from .spaces import Spaces
 
 
 class Knowledge(nn.Module):
-    """h_know: softmax-weighted sum of the retrieved values; a module so nnsight can read or steer it."""
+    """A softmax-weighted sum of retrieved rows; a module so nnsight can read or steer h_know."""
 
     def forward(self, weights: Float[Tensor, "n k"], values: Float[Tensor, "n k d"]) -> Float[Tensor, "n d"]:
         return torch.einsum("nk,nkd->nd", weights, values)
@@ -52,25 +54,29 @@ class LatentMemory(nn.Module):
         super().__init__()
         self.spaces = spaces                      # shared with the editor; not a second copy
         self.top_k, self.temperature, self.chunk = top_k, temperature, chunk
-        self.know = Knowledge()
+        self.know = Knowledge()        # h_know, attention-output space (the shift)
+        self.state = Knowledge()       # the retrieved states Σ w h_pos (input of the semantic encoder)
         self.alpha = Alpha(fixed_alpha)
         self.register_buffer("keys", torch.zeros(0, dim))      # standardised, unit-norm h_sem
         self.register_buffer("values", torch.zeros(0, dim))    # raw h_pos
+        self.register_buffer("attn_values", torch.zeros(0, dim))  # Attn(h_pos, h_pos, h_pos)
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # first n_fit entries come from fit()
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
     @torch.no_grad()
-    def add(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"]) -> None:
+    def add(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"], v_pos: Float[Tensor, "n d"]) -> None:
         keys = F.normalize(self.spaces.standardize(h_sem.float()), dim=-1)
         self.keys = torch.cat([self.keys, keys.to(self.keys)])
         self.values = torch.cat([self.values, h_pos.float().to(self.values)])
+        self.attn_values = torch.cat([self.attn_values, v_pos.float().to(self.attn_values)])
 
     @torch.no_grad()
     def truncate(self, n: int) -> None:
         """Keep the first n entries (drop the edits' entries)."""
         self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
+        self.attn_values = self.attn_values[:n].clone()
 
     def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
         """Top-K cosine similarities and indices, computed in chunks of the memory (linear in its size)."""
@@ -92,8 +98,9 @@ class LatentMemory(nn.Module):
         x_std = self.spaces.standardize(x2)
         sims, idx = self.retrieve(F.normalize(x_std, dim=-1))
         weights = torch.softmax(sims / self.temperature, dim=-1)
-        h_know = self.know(weights, self.values.to(x2)[idx])
-        alpha = self.alpha(self.spaces.sem(self.spaces.standardize(h_know)), x_std)
+        h_state = self.state(weights, self.values.to(x2)[idx])
+        alpha = self.alpha(self.spaces.sem(self.spaces.standardize(h_state)), x_std)
+        h_know = self.know(weights, self.attn_values.to(x2)[idx])
         a = alpha[:, None]
-        shifted = (1 - a) * h_attn.reshape(-1, shape[-1]).float() + a * (h_know - x2)
+        shifted = (1 - a) * h_attn.reshape(-1, shape[-1]).float() + a * h_know
         return shifted.reshape(shape).to(dtype)
