@@ -19,9 +19,11 @@ import pytest
 import torch
 
 try:
-    from tests.archs import ARCHS
+    from tests.archs import ARCHS, EXTRA_ARCHS
 except ImportError:  # pytest's default "prepend" import mode puts tests/ itself on sys.path
-    from archs import ARCHS
+    from archs import ARCHS, EXTRA_ARCHS
+
+BUILDERS = {**ARCHS, **EXTRA_ARCHS}
 from unike.hooks import Hooks
 from unike.locate import locate
 
@@ -83,9 +85,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
 def arch(request):
-    a = ARCHS[request.param]()
+    a = BUILDERS[request.param]()
     a.extra["stack"] = locate(a.model)
     a.extra["base"] = _logits(a.model, a.inputs)
     return a
@@ -94,7 +96,7 @@ def arch(request):
 def test_locate_finds_the_text_layers(arch):
     model, stack = arch.model, arch.extra["stack"]
     tc = model.config.get_text_config(decoder=True)
-    n_expected = getattr(tc, "decoder_layers", None) or tc.num_hidden_layers
+    n_expected = getattr(tc, "decoder_layers", None) or getattr(tc, "num_decoder_layers", None) or tc.num_hidden_layers
     assert len(stack) == stack.num_layers == n_expected
     assert stack.hidden_size == tc.hidden_size
 
