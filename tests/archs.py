@@ -1,10 +1,16 @@
 """Tiny, offline, deterministic builders for image-text-to-text architectures.
 
 Every builder makes a random model from a hand-written config (no hub access) whose **vision tower
-is deeper and wider than the text decoder** (vision: 4 layers, width 48-64; text: 2-3 layers, width
-32), so that a locator that picks the wrong stack fails the tests. Each returns an :class:`Arch`:
-the model in eval mode, a batch-of-one ``inputs`` dict that works for both ``model(**inputs)`` and
-``model.generate(**inputs)``, the image-token id and a name.
+is deeper and wider than the text decoder** (vision: 4 layers, width 64; text: 2-3 layers, width 32),
+so that a locator that picks the wrong stack fails the tests. Exceptions: Fuyu has no vision tower
+(a linear patch embedding), and Pix2Struct's decoder cross-attends to its vision encoder, which must
+then have the text width (it is still deeper). Each returns an :class:`Arch`: the model in eval mode
+(seeded, so two calls give identical weights), a batch-of-one ``inputs`` dict that works for both
+``model(**inputs)`` and ``model.generate(**inputs)`` (``input_ids``, ``attention_mask`` and every image
+tensor), the image-token id (None when the model has no image placeholder) and a name.
+
+``ARCHS`` holds the builders whose inputs follow that contract; ``EXTRA_ARCHS`` holds the ones that do
+not (Pix2Struct: no ``input_ids``, only a decoder prompt).
 
 The input recipes follow ``stack-notes.md`` ("Input recipes"): the number of image tokens in
 ``input_ids`` is exactly the number of image features the model produces.
@@ -73,15 +79,11 @@ class Arch:
 
 
 def _text(**over) -> dict:
-    d = dict(TEXT)
-    d.update(over)
-    return {k: v for k, v in d.items() if v is not ...}
+    return {**TEXT, **over}
 
 
 def _vision(model_type: str, **over) -> dict:
-    d = dict(VISION, model_type=model_type)
-    d.update(over)
-    return {k: v for k, v in d.items() if v is not ...}
+    return {**VISION, "model_type": model_type, **over}
 
 
 def _words(n: int, seed: int) -> list[int]:

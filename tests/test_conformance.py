@@ -18,15 +18,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-try:
-    from tests.archs import ARCHS, EXTRA_ARCHS
-except ImportError:  # pytest's default "prepend" import mode puts tests/ itself on sys.path
-    from archs import ARCHS, EXTRA_ARCHS
+from archs import ARCHS, EXTRA_ARCHS  # tests/ is on sys.path (tests/conftest.py)
 
-BUILDERS = {**ARCHS, **EXTRA_ARCHS}
 from unike.hooks import Hooks
 from unike.locate import locate
 
+BUILDERS = {**ARCHS, **EXTRA_ARCHS}
 N_NEW = 3
 # words that mark a non-text part of a VLM (vision tower, projector, Q-Former, resampler, audio, VQ tokenizer)
 NON_TEXT = ("vision", "visual", "image", "video", "qformer", "perceiver", "resampler", "projector", "connector",

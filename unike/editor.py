@@ -45,7 +45,7 @@ class UniKEConfig:
     n_neurons: int = 10                  # per edit and layer (paper: 10)
     neuron_act: str = "relu"             # exact zero on inputs the neurons do not match (ours)
     edit_steps: int = 40
-    edit_lr: float = 1e-2
+    edit_lr: float = 0.05                # Adam step relative to each tensor's scale (keys, values: hidden rms)
     margin_pos: float = 2.0              # pre-activation on the edit's own positions ≥ this
     margin_neg: float = 1.0              # pre-activation on unrelated FFN inputs ≤ −this
     act_weight: float = 1.0
@@ -235,15 +235,25 @@ class UniKE:
             self.model(**batch)
         sem, fin = last_prompt_index(inputs["attention_mask"], inputs["labels"]), last_index(inputs["attention_mask"])
         rows = torch.arange(len(sem), device=sem.device)
-        return {l: {"h_sem": self._x[l][rows, sem].float(), "h_pos": self._x[l][rows, fin].float(),
-                    "q": self._q[l].reshape(*inputs["input_ids"].shape, -1).float()} for l in self.layer_ids}
+        out = {}
+        for l in self.layer_ids:
+            x = self._tokens(self._x[l], inputs).float()
+            out[l] = {"h_sem": x[rows, sem], "h_pos": x[rows, fin], "q": self._tokens(self._q[l], inputs).float(),
+                      "x_rms": x[inputs["attention_mask"].bool()].pow(2).mean().sqrt()}
+        return out
+
+    @staticmethod
+    def _tokens(h: Tensor, inputs) -> Tensor:
+        """[B, T, d] states aligned with input_ids (flattened [B*T', d] unflattened; a prefix the model
+        prepends inside, e.g. GIT's image features, dropped)."""
+        b, t = inputs["input_ids"].shape
+        return h.reshape(b, -1, h.shape[-1])[:, -t:]
 
     @torch.no_grad()
     def _attn_values(self, l: int, h: Tensor, batch_size: int = 256) -> Tensor:
         """Attn(h, h, h) of layer l for each state h: the attention output of a one-token sequence whose
         state entering layer l is h (a token attending only to itself gets o_proj(v_proj(norm(h))))."""
         block, attn = self.stack[l].block, self.stack[l].attn
-        token = getattr(self.stack.text_config, "bos_token_id", None) or 0
         out = []
 
         class Done(Exception):
@@ -262,12 +272,27 @@ class UniKE:
             with Hooks() as hooks, self.disabled():
                 hooks.pre(block, put, with_kwargs=True, prepend=True)
                 hooks.forward(attn, take, prepend=True)
-                ids = torch.full((len(chunk), 1), int(token), device=self.device)
-                try:
-                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-                except Done:
-                    pass
+                self._run_text(len(chunk), Done)
         return torch.cat(out).to(h)
+
+    def _run_text(self, n: int, done: type) -> None:
+        """Run n one-token sequences through the text decoder until a hook raises `done`."""
+        parent = self.model.get_submodule(self.stack.layers_path.rsplit(".", 1)[0])
+        token = int(getattr(self.stack.text_config, "bos_token_id", None) or 0)
+        ids = torch.full((n, 1), token, device=self.device)
+        zeros = torch.zeros(n, 1, self.stack.hidden_size, device=self.device, dtype=next(parent.parameters()).dtype)
+        attempts = [(parent, {"inputs_embeds": zeros}), (parent, {"input_ids": ids}),
+                    (parent, {"hidden_states": zeros}), (self.model, {"input_ids": ids})]
+        errors = []
+        for module, kwargs in attempts:
+            try:
+                module(**kwargs)
+            except done:
+                return
+            except Exception as err:  # this signature does not fit; try the next
+                errors.append(f"{type(module).__name__}({', '.join(kwargs)}): {err}")
+        raise RuntimeError("could not run the text decoder on one-token inputs to compute the memory's values:\n"
+                           + "\n".join(errors))
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "UniKE":
@@ -372,25 +397,31 @@ class UniKE:
         neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
         rows, cols = pos_mask.nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
-        negatives = {}
+        negatives, groups = {}, []
         for l in self.layer_ids:
             q = states[l]["q"]
             q_pos = q[rows, cols]                                           # [P, d]
             neg = torch.cat([self.negatives[l].to(q), q[neg_mask]])
             mu = neg.mean(0) if len(neg) else q.reshape(-1, q.shape[-1]).mean(0)
-            if len(self.negatives[l]):                                     # keep near-duplicates of the edit out
-                std = self.spaces[l].standardize
-                cos = F.normalize(std(neg), dim=-1) @ F.normalize(std(q_pos), dim=-1).T
+            if len(self.negatives[l]):            # near-duplicates of the edit input are the same knowledge
+                sd = neg.std(0).clamp_min(1e-5)
+                cos = F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q_pos - mu) / sd, dim=-1).T
                 neg = neg[cos.max(1).values < cfg.neg_exclude_cos]
             negatives[l] = neg
             dirs = q_pos[assign] - mu
             keys = (dirs / dirs.pow(2).sum(-1, keepdim=True).clamp_min(1e-6)).T * cfg.margin_pos
             bias = -(mu @ keys)
-            self.neurons[l].begin(keys, bias, use_zeta=cfg.collaboration and cfg.zeta != "none")
-        params = [p for l in self.layer_ids for p in self.neurons[l].pending.values()]
-        params += [p for l in self.layer_ids if self.neurons[l].w_zeta is not None
-                   for p in self.neurons[l].w_zeta.parameters()]
-        opt = torch.optim.Adam(params, lr=cfg.edit_lr)
+            patch = self.neurons[l]
+            patch.begin(keys, bias, use_zeta=cfg.collaboration and cfg.zeta != "none")
+            # step sizes relative to each tensor's natural scale, so one edit_lr fits every model width
+            v_lr = cfg.edit_lr * float(states[l]["x_rms"])
+            groups += [{"params": [patch.pending["k"]], "lr": cfg.edit_lr * float(keys.pow(2).mean().sqrt())},
+                       {"params": [patch.pending["b"]], "lr": cfg.edit_lr * cfg.margin_pos},
+                       {"params": [patch.pending["v"]], "lr": v_lr}]
+            if patch.w_zeta is not None:
+                groups.append({"params": list(patch.w_zeta.parameters()),
+                               "lr": v_lr / float(patch.truth.abs().sum().clamp_min(1e-6))})
+        opt = torch.optim.Adam(groups)
         batch = {k: v for k, v in inputs.items() if k != "labels"}
         tgt = labels[:, 1:]
         step, loss = 0, torch.zeros(())
@@ -403,7 +434,7 @@ class UniKE:
                 n_new = cfg.n_neurons
                 for l in self.layer_ids:
                     patch = self.neurons[l]
-                    q = self._q[l].reshape(*labels.shape, -1)
+                    q = self._tokens(self._q[l], inputs)
                     z = patch.preactivation(q[rows, cols][assign])[:, -n_new:]         # [n, n] own positions
                     act = act + F.relu(cfg.margin_pos - z.diagonal()).mean()
                     if len(negatives[l]):

@@ -51,7 +51,7 @@ class LocateError(ValueError):
 
 
 # Names a layer list may have, relative to the decoder module returned by `get_decoder()`.
-_DECODER_LISTS = ("layers", "decoder.layers", "encoder.layer", "h", "blocks", "block")
+_DECODER_LISTS = ("layers", "decoder.layers", "encoder.layer", "h", "blocks", "block", "layer")
 
 # Known absolute paths (tried after get_decoder()); order matters only for models with several matches.
 _KNOWN_PATHS = (
@@ -62,6 +62,8 @@ _KNOWN_PATHS = (
     "model.language_model.decoder.layers",  # Florence-2 (BART)
     "text_model.model.layers",  # Kosmos-2
     "git.encoder.layer",  # GIT
+    "language_model.layers",
+    "text_model.layers",
     "model.layers",  # Llama, Mistral, Qwen, Gemma ... causal LMs
     "model.decoder.layers",  # OPT, BART
     "transformer.h",  # GPT-2, Bloom, Falcon
@@ -78,7 +80,8 @@ _NON_TEXT_EXACT = {"vit", "vq", "encoder_vision"}
 
 # Per-layer attribute names, most specific first.
 _ATTN_NAMES = (("self_attn", "self"), ("self_attention", "self"), ("attention", "self"), ("attn", "self"),
-               ("linear_attn", "linear"), ("cross_attn", "cross"), ("conv", "conv"), ("mixer", "mixer"))
+               ("linear_attn", "linear"), ("cross_attn", "cross"), ("conv", "conv"), ("mamba", "ssm"),
+               ("mixer", "mixer"))
 _FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
 
 
@@ -97,7 +100,8 @@ class Layer:
         mlp_in: the module whose first positional input is the FFN input ``q`` (``mlp`` itself, except for
             OPT / BART / Florence-2 where it is ``fc1``, and GIT / BERT where it is ``intermediate``).
         paths: dotted paths of ``block``, ``attn``, ``mlp`` and ``mlp_in`` inside the model.
-        attn_kind: ``"self"``, ``"cross"`` (Mllama), ``"linear"`` (Qwen3.5), ``"conv"`` (LFM2) or ``"mixer"``.
+        attn_kind: ``"self"``, ``"cross"`` (Mllama), ``"linear"`` (Qwen3.5, MiniCPM-V 4.6), ``"conv"`` (LFM2),
+            ``"ssm"`` (a ``mamba`` mixer) or ``"mixer"``.
     """
 
     index: int
@@ -114,7 +118,7 @@ class Layer:
                 f"mlp={p.get('mlp')} [{type(self.mlp).__name__}])")
 
 
-class TextStack(Sequence):
+class TextStack(Sequence[Layer]):
     """The located text decoder: a sequence of :class:`Layer` plus what it was checked against.
 
     Supports ``len(stack)``, ``stack[i]``, ``stack[-4:]`` (a list) and iteration.
@@ -210,15 +214,25 @@ def _cfg_int(cfg, *names) -> int | None:
 
 
 def _text_config(model: nn.Module):
+    """``config.get_text_config(decoder=True)``; when that has no sizes (PI0 returns itself), the first sub-config's
+    text config that has them (PI0: ``vlm_config``)."""
     cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
+    if cfg is None or not callable(getattr(cfg, "get_text_config", None)):
+        return cfg
     try:
-        return cfg.get_text_config(decoder=True)
-    except TypeError:
-        return cfg.get_text_config()
+        tc = cfg.get_text_config(decoder=True)
     except Exception:
         return cfg
+    if _expected(tc) == (set(), None):
+        for name in getattr(cfg, "sub_configs", None) or {}:
+            sub = getattr(cfg, name, None)
+            try:
+                cand = sub.get_text_config(decoder=True)
+            except Exception:
+                continue
+            if _expected(cand)[0]:
+                return cand
+    return tc
 
 
 def _expected(text_config) -> tuple[set[int], int | None]:
@@ -337,6 +351,9 @@ def _resolve_layer(block: nn.Module) -> tuple[dict[str, str], str]:
 
 
 def _build(model: nn.Module, path: str, lst: nn.ModuleList, width: int | None, tc, how: str) -> TextStack:
+    if width is None:  # no config to read it from: infer it from the first block's norms
+        widths = _block_widths(lst[0])
+        width = next(iter(widths)) if len(widths) == 1 else None
     layers = []
     for i, block in enumerate(lst):
         rel, kind = _resolve_layer(block)
@@ -346,15 +363,26 @@ def _build(model: nn.Module, path: str, lst: nn.ModuleList, width: int | None, t
     return TextStack(model, path, layers, width, tc, how)
 
 
-def _error(model: nn.Module, reasons: list[str]) -> LocateError:
+def _decoder_of(module: nn.Module) -> nn.Module | None:
+    fn = getattr(module, "get_decoder", None)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except Exception:  # some models raise for a missing bespoke rule; fall back to the search
+        return None
+
+
+def _error(model: nn.Module, reasons: list[str], counts: set[int] = frozenset(), head: str = "") -> LocateError:
     cands = _candidates(model)
-    lines = [f"could not find the text decoder layers of {type(model).__name__}."]
+    lines = [head or f"could not find the text decoder layers of {type(model).__name__}."]
     if reasons:
         lines.append("rejected: " + "; ".join(reasons))
     if cands:
         lines.append("ModuleLists in the model (path: length):")
         lines += [f"  {n}: {k}" for n, k in cands]
-        best = [n for n, _ in cands if not _is_non_text(n)] or [n for n, _ in cands]
+        text = [(n, k) for n, k in cands if not _is_non_text(n)]
+        best = [n for n, k in text if k in counts] or [n for n, _ in text] or [n for n, _ in cands]
         example = best[-1]
     else:
         lines.append("the model has no nn.ModuleList.")
@@ -372,7 +400,8 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
     """Find the text decoder layers of ``model`` and, in each, the attention and FFN modules.
 
     Args:
-        model: a Hugging Face model (VLM, causal LM or encoder-decoder) or any ``nn.Module`` tree.
+        model: a Hugging Face model (VLM, causal LM or encoder-decoder), any ``nn.Module`` tree, or an nnsight
+            wrapper of one (``NNsight(model)``; its torch module is used, and the paths work on the envoy too).
         layers: optional dotted path to the decoder's ``nn.ModuleList`` (e.g. ``"model.language_model.layers"``),
             which overrides the search.
 
@@ -388,6 +417,10 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
         >>> stack.layers_path
         'model.language_model.layers'
     """
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "_module", None), nn.Module):
+        model = model._module  # an nnsight Envoy / NNsight wrapper
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"locate() needs an nn.Module (or an nnsight wrapper of one), got {type(model).__name__}")
     tc = _text_config(model)
     counts, width = _expected(tc)
 
@@ -396,8 +429,8 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
         lst = _get(model, layers)
         if not isinstance(lst, nn.ModuleList) or len(lst) == 0:
             what = "nothing" if lst is None else type(lst).__name__
-            err = _error(model, [f"`{layers}` is {what}, not a non-empty ModuleList"])
-            raise LocateError(f"layers={layers!r} is not a layer list.\n{err}")
+            raise _error(model, [], counts, head=f"layers={layers!r} leads to {what}, not a non-empty nn.ModuleList "
+                                                f"(in {type(model).__name__}).")
         why = _check(lst, counts, width)
         if why is not None:
             warnings.warn(f"locate: `{layers}` has {why}; using it as asked", stacklevel=2)
@@ -427,7 +460,7 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
             return None
 
     # 2. get_decoder(), following nested wrappers (OPTForCausalLM -> OPTModel -> decoder ...)
-    dec = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    dec = _decoder_of(model)
     for _ in range(4):
         if not isinstance(dec, nn.Module):
             break
@@ -438,7 +471,7 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
             found = try_path(f"{base}.{rel}" if base else rel, "get_decoder")
             if found is not None:
                 return found
-        nxt = dec.get_decoder() if callable(getattr(dec, "get_decoder", None)) else None
+        nxt = _decoder_of(dec)
         if nxt is None or nxt is dec:
             # search below the decoder only, with the naming rule
             for name, mod in reversed(list(dec.named_modules())):
@@ -462,4 +495,4 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
             if found is not None:
                 return found
 
-    raise _error(model, reasons)
+    raise _error(model, reasons, counts)

@@ -167,7 +167,8 @@ class SynthWorld:
 
     def vocabulary(self) -> list[str]:
         """Every word this world can emit in prompts, answers and captions (sorted)."""
-        texts = [q for qs in [*QUESTIONS.values(), CAPTION_PROMPTS, *TEXT_QUESTIONS.values()] for q in qs]
+        texts = [q for qs in [*QUESTIONS.values(), CAPTION_PROMPTS] for q in qs]
+        texts += [q.format("") for qs in TEXT_QUESTIONS.values() for q in qs]
         texts += [self.caption(e) for e in self.entities] + [" ".join(e.facts.values()) for e in self.entities]
         texts += [" ".join(v) for v in (SHAPES, COLOURS, PATTERNS, CAPITALS, CAPITALS.values(), *VALUES.values())]
         return sorted({w for t in texts for w in t.split()})
@@ -181,8 +182,8 @@ class SynthWorld:
         e = self.entity(entity)
         rng = np.random.default_rng([self.seed, e.index, int(seed)])
         S = 128  # drawn at 2x, reduced to 64 for anti-aliasing
-        r = S / 2 * rng.uniform(0.6, 0.92) * 0.92
-        cx, cy = (rng.uniform(r * 0.85, S - r * 0.85) for _ in range(2))
+        r = S / 2 * rng.uniform(0.6, 0.9)  # object scale: radius 0.6-0.9 of half the picture, fully inside
+        cx, cy = (rng.uniform(r * 1.1, S - r * 1.1) for _ in range(2))
         theta = rng.uniform(0, 2 * math.pi)
         mask = Image.new("L", (S, S), 0)
         draw = ImageDraw.Draw(mask)
@@ -202,7 +203,7 @@ class SynthWorld:
             a, period = theta + math.pi / 4, r * .45
             u, v = (math.cos(a), math.sin(a)), (-math.sin(a), math.cos(a))
             for k in range(-6, 7):
-                o0, o1 = k * period, k * period + period * .45
+                o0, o1 = k * period, k * period + period * .35
                 pdraw.polygon([(cx + u[0] * o + v[0] * t, cy + u[1] * o + v[1] * t)
                                for o, t in ((o0, -2 * r), (o1, -2 * r), (o1, 2 * r), (o0, 2 * r))], fill=255)
         elif e.pattern == "dots":  # a grid of dots, turned with the shape

@@ -74,10 +74,9 @@ def evaluate_tiny(model, processor, world: SynthWorld | None = None, per_cell: i
     items = eval_items(world, per_cell, seed)
     ok = {k: teacher_forced(model, enc, v) for k, v in items.items()}
     vqa = [(ex.tag, r) for ex, r in zip(items["vqa"], ok["vqa"])]
-    fact_cells = [(t, r) for t, r in vqa if t.split("/")[0] in FACTS]
-    fact_ok = [r for ex, r in zip(items["vqa"], ok["vqa"]) if ex.tag.split("/")[0] in FACTS]
+    fact_ok = [r for t, r in vqa if t.split("/")[0] in FACTS]  # aligned with items["swap"]
     m = {
-        "vqa": _pct(r for _, r in fact_cells),
+        "vqa": _pct(fact_ok),
         "attributes": _pct(r for t, r in vqa if t.split("/")[0] in ATTRIBUTES),
         "text": _pct(ok["text"]),
         "caption": _pct(ok["caption"]),

@@ -87,7 +87,7 @@ def _labels(auxes: list[dict]) -> dict:
     return {k: torch.tensor([a[k] for a in auxes]) for k in ("entity", "colour", "shape", "pattern")}
 
 
-def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 3300, stage2_steps: int = 2200, batch_size: int = 64,
+def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 4500, stage2_steps: int = 2400, batch_size: int = 64,
                freeze_steps: int = 500, threads: int = 1, progress: bool = True, eval_per_cell: int | None = 50,
                greedy: int = 100) -> dict:
     """Train from scratch on `SynthWorld(seed)` and write model + processor (safetensors) and metrics.json.
@@ -184,8 +184,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Train the tiny VLM (unike/tiny/weights by default).")
     ap.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stage1-steps", type=int, default=3300)
-    ap.add_argument("--stage2-steps", type=int, default=2200)
+    ap.add_argument("--stage1-steps", type=int, default=4500)
+    ap.add_argument("--stage2-steps", type=int, default=2400)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     m = train_tiny(a.out, a.seed, a.stage1_steps, a.stage2_steps, threads=a.threads)
