@@ -51,6 +51,7 @@ class UniKEConfig:
     act_weight: float = 1.0
     neg_weight: float = 1.0
     neg_memory_size: int = 4096          # FFN inputs kept from fit() as negatives for the activation loss
+    key_ridge: float | None = 0.1        # None: keys along q − μ (T-Patcher); else the ridge of Σ⁻¹(q − μ)
     neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
     # external knowledge (latent memory)
     latent: bool = True
@@ -390,6 +391,34 @@ class UniKE:
         self.n_edits += 1
         return info
 
+    def _init_keys(self, q: Tensor, neg: Tensor, mu: Tensor) -> Tensor:
+        """Keys [d, n] along the discriminant direction Σ⁻¹(q − μ) of each neuron's input against the
+        negatives (covariance Σ, ridge `key_ridge`), scaled so the pre-activation is margin_pos at q, 0 at μ."""
+        delta = q - mu
+        if len(neg) > 1 and self.config.key_ridge is not None:
+            cov = torch.cov(neg.T.double())
+            cov += self.config.key_ridge * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+            w = torch.linalg.solve(cov, delta.T.double()).T.to(delta)
+        else:
+            w = delta
+        return (w * self.config.margin_pos / (w * delta).sum(-1, keepdim=True).clamp_min(1e-6)).T
+
+    def _unrelated(self, states, rows, cols, neg_mask) -> Tensor:
+        """Which negatives (fit FFN inputs, then the edit's own prompt positions) are unrelated to the edit.
+
+        A negative is the *same knowledge* as the edit (another rendering or wording of the edited fact,
+        which the edit should reach) when its FFN input agrees with the edit's at every edited layer:
+        the mean over layers of the best cosine (standardised by the negatives' statistics) is at least
+        `neg_exclude_cos`. Those are not pushed down.
+        """
+        cos = 0
+        for l in self.layer_ids:
+            q = states[l]["q"]
+            neg = torch.cat([self.negatives[l].to(q), q[neg_mask]])
+            mu, sd = neg.mean(0), neg.std(0).clamp_min(1e-5) if len(neg) > 1 else torch.ones_like(q[0, 0])
+            cos = cos + (F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q[rows, cols] - mu) / sd, dim=-1).T).max(1).values
+        return cos / len(self.layer_ids) < self.config.neg_exclude_cos
+
     def _train_neurons(self, inputs, states, progress) -> dict[str, float]:
         cfg = self.config
         labels = inputs["labels"]
@@ -398,18 +427,14 @@ class UniKE:
         rows, cols = pos_mask.nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
         negatives, groups = {}, []
+        keep = self._unrelated(states, rows, cols, neg_mask)
         for l in self.layer_ids:
             q = states[l]["q"]
             q_pos = q[rows, cols]                                           # [P, d]
             neg = torch.cat([self.negatives[l].to(q), q[neg_mask]])
-            mu = neg.mean(0) if len(neg) else q.reshape(-1, q.shape[-1]).mean(0)
-            if len(self.negatives[l]):            # near-duplicates of the edit input are the same knowledge
-                sd = neg.std(0).clamp_min(1e-5)
-                cos = F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q_pos - mu) / sd, dim=-1).T
-                neg = neg[cos.max(1).values < cfg.neg_exclude_cos]
-            negatives[l] = neg
-            dirs = q_pos[assign] - mu
-            keys = (dirs / dirs.pow(2).sum(-1, keepdim=True).clamp_min(1e-6)).T * cfg.margin_pos
+            mu = neg.mean(0)
+            negatives[l] = neg[keep]
+            keys = self._init_keys(q_pos[assign], neg, mu)
             bias = -(mu @ keys)
             patch = self.neurons[l]
             patch.begin(keys, bias, use_zeta=cfg.collaboration and cfg.zeta != "none")
@@ -437,9 +462,9 @@ class UniKE:
                     q = self._tokens(self._q[l], inputs)
                     z = patch.preactivation(q[rows, cols][assign])[:, -n_new:]         # [n, n] own positions
                     act = act + F.relu(cfg.margin_pos - z.diagonal()).mean()
-                    if len(negatives[l]):
-                        zn = patch.preactivation(negatives[l])[:, -n_new:]
-                        neg_loss = neg_loss + F.relu(zn + cfg.margin_neg).mean()
+                    if len(negatives[l]):      # mean over the violating negatives: hard ones are not diluted
+                        hinge = F.relu(patch.preactivation(negatives[l])[:, -n_new:] + cfg.margin_neg)
+                        neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
                 loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
                 if correct and float(act) == 0 and float(neg_loss) == 0:
                     break
