@@ -30,7 +30,7 @@ from .roles import last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
-MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit")
+MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
 
 
@@ -58,6 +58,8 @@ class UniKEConfig:
     top_k: int = 40                      # paper: 40
     temperature: float = 0.1
     write_edit_to_memory: bool = True
+    relevance_quantile: float | None = 0.99  # α = 0 where the best retrieval cosine is below this quantile of
+                                             # the prompt tokens' (not question-final) best cosines; None: off
     # collaboration
     collaboration: bool = True           # False: fixed α and no ζ (paper Table 4 row 4)
     fixed_alpha: float | None = None     # a number fixes α (Fig. 4b); None = dynamic α from the semantic space
@@ -239,7 +241,7 @@ class UniKE:
         out = {}
         for l in self.layer_ids:
             x = self._tokens(self._x[l], inputs).float()
-            out[l] = {"h_sem": x[rows, sem], "h_pos": x[rows, fin], "q": self._tokens(self._q[l], inputs).float(),
+            out[l] = {"x": x, "h_sem": x[rows, sem], "h_pos": x[rows, fin], "q": self._tokens(self._q[l], inputs).float(),
                       "x_rms": x[inputs["attention_mask"].bool()].pow(2).mean().sqrt()}
         return out
 
@@ -325,15 +327,18 @@ class UniKE:
         """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
         self._check_attached()
         cfg = self.config
-        collected = {l: {"h_sem": [], "h_pos": [], "h_neg": [], "q": []} for l in self.layer_ids}
+        collected = {l: {"h_sem": [], "h_pos": [], "h_neg": [], "q": [], "other": []} for l in self.layer_ids}
         for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
             pos, neg = self._inputs(pos), self._inputs(neg)
             sem = last_prompt_index(pos["attention_mask"], pos["labels"])
             rows = torch.arange(len(sem), device=sem.device)
+            other = pos["attention_mask"].bool() & (pos["labels"] == IGNORE)   # prompt tokens before the last
+            other[rows, sem] = False
             for l, st in self._states(pos).items():
                 collected[l]["h_sem"].append(st["h_sem"].cpu())
                 collected[l]["h_pos"].append(st["h_pos"].cpu())
                 collected[l]["q"].append(st["q"][rows, sem].cpu())
+                collected[l]["other"].append(st["x"][other][::7].cpu())
             for l, st in self._states(neg).items():
                 collected[l]["h_neg"].append(st["h_pos"].cpu())
         stacked = [{k: torch.cat(v) for k, v in collected[l].items()} for l in self.layer_ids]
@@ -351,6 +356,7 @@ class UniKE:
             mem.truncate(0)
             mem.add(st["h_sem"], st["h_pos"], self._attn_values(l, st["h_pos"]))
             mem.n_fit.fill_(len(mem))
+            mem.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
             keep = torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]
             self.negatives[l] = st["q"][keep]
             self.neurons[l].truth = self._zeta(l, st, gen).to(dev)

@@ -34,16 +34,20 @@ class Knowledge(nn.Module):
 
 
 class Alpha(nn.Module):
-    """α per token: clamp(cos(Enc_sem(h_know), x), 0, 1), or a fixed value."""
+    """α per token: clamp(cos(Enc_sem(h_know), x), 0, 1) (or a fixed value), and 0 where the best
+    retrieval cosine is below the relevance gate."""
 
     def __init__(self, fixed: float | None = None):
         super().__init__()
         self.fixed = fixed
 
-    def forward(self, enc_know: Float[Tensor, "n d"], x_std: Float[Tensor, "n d"]) -> Float[Tensor, "n"]:
+    def forward(self, enc_know: Float[Tensor, "n d"], x_std: Float[Tensor, "n d"],
+                relevant: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
         if self.fixed is not None:
-            return enc_know.new_full(enc_know.shape[:1], float(self.fixed))
-        return F.cosine_similarity(enc_know, x_std, dim=-1).clamp(0, 1)
+            alpha = enc_know.new_full(enc_know.shape[:1], float(self.fixed))
+        else:
+            alpha = F.cosine_similarity(enc_know, x_std, dim=-1).clamp(0, 1)
+        return alpha * relevant
 
 
 class LatentMemory(nn.Module):
@@ -61,6 +65,7 @@ class LatentMemory(nn.Module):
         self.register_buffer("values", torch.zeros(0, dim))    # raw h_pos
         self.register_buffer("attn_values", torch.zeros(0, dim))  # Attn(h_pos, h_pos, h_pos)
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # first n_fit entries come from fit()
+        self.register_buffer("min_similarity", torch.tensor(-1.0))       # relevance gate (calibrate())
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -77,6 +82,19 @@ class LatentMemory(nn.Module):
         """Keep the first n entries (drop the edits' entries)."""
         self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
         self.attn_values = self.attn_values[:n].clone()
+
+    @torch.no_grad()
+    def calibrate(self, h_sem: Float[Tensor, "n d"], other: Float[Tensor, "m d"], quantile: float | None) -> None:
+        """Set the relevance gate: a token whose best retrieval cosine is below the `quantile` of the
+        best cosines of ordinary prompt tokens (`other`) gets α = 0. Question-final states (`h_sem`,
+        scored without their own entry) should pass; the fraction that does is returned."""
+        if quantile is None or len(other) == 0:
+            self.min_similarity.fill_(-1.0)
+            return None
+        best = lambda h: self.retrieve(F.normalize(self.spaces.standardize(h.float()), dim=-1))[0]  # noqa: E731
+        self.min_similarity.fill_(float(torch.quantile(best(other)[:, 0], quantile)))
+        loo = best(h_sem)[:, 1] if len(self) > 1 else best(h_sem)[:, 0]
+        return float((loo >= self.min_similarity).float().mean())
 
     def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
         """Top-K cosine similarities and indices, computed in chunks of the memory (linear in its size)."""
@@ -99,7 +117,8 @@ class LatentMemory(nn.Module):
         sims, idx = self.retrieve(F.normalize(x_std, dim=-1))
         weights = torch.softmax(sims / self.temperature, dim=-1)
         h_state = self.state(weights, self.values.to(x2)[idx])
-        alpha = self.alpha(self.spaces.sem(self.spaces.standardize(h_state)), x_std)
+        relevant = (sims[:, 0] >= self.min_similarity).to(x_std)
+        alpha = self.alpha(self.spaces.sem(self.spaces.standardize(h_state)), x_std, relevant)
         h_know = self.know(weights, self.attn_values.to(x2)[idx])
         a = alpha[:, None]
         shifted = (1 - a) * h_attn.reshape(-1, shape[-1]).float() + a * h_know
