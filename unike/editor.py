@@ -45,6 +45,7 @@ class UniKEConfig:
     n_neurons: int = 10                  # per edit and layer (paper: 10)
     neuron_act: str = "relu"             # exact zero on inputs the neurons do not match (ours)
     edit_steps: int = 40
+    stop_prob: float = 0.5               # stop once every target token has at least this probability (an argmax)
     edit_lr: float = 0.05                # Adam step relative to each tensor's scale (keys, values: hidden rms)
     margin_pos: float = 2.0              # pre-activation on the edit's own positions ≥ this
     margin_neg: float = 1.0              # pre-activation on unrelated FFN inputs ≤ −this
@@ -253,49 +254,37 @@ class UniKE:
         return h.reshape(b, -1, h.shape[-1])[:, -t:]
 
     @torch.no_grad()
-    def _attn_values(self, l: int, h: Tensor, batch_size: int = 256) -> Tensor:
-        """Attn(h, h, h) of layer l for each state h: the attention output of a one-token sequence whose
-        state entering layer l is h (a token attending only to itself gets o_proj(v_proj(norm(h))))."""
+    def _attn_values(self, l: int, h: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+        """Attn(h, h, h) of layer l for each row's state h: `inputs` (one row per state) runs again with
+        every position's state entering layer l set to that row's h. Attention then averages identical
+        values, whatever its weights, positions or mask, so its output is o_proj(v_proj(norm(h))) — the
+        value of a knowledge token — for any architecture, without knowing its projection names."""
         block, attn = self.stack[l].block, self.stack[l].attn
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
         out = []
 
         class Done(Exception):
             pass
 
-        for chunk in h.split(batch_size):
-            hs = chunk[:, None].to(self.device, next(block.parameters()).dtype)
+        def put(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            hs = h.to(x).reshape(len(h), 1, -1).expand(len(h), x.numel() // (len(h) * x.shape[-1]), -1)
+            hs = hs.reshape(x.shape)
+            return ((hs,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hs})
 
-            def put(module, args, kwargs):
-                return ((hs,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hs})
+        def take(module, args, output):
+            o = _first(output)
+            out.append(o.reshape(len(h), -1, o.shape[-1])[:, -1].float())
+            raise Done
 
-            def take(module, args, output):
-                out.append(_first(output)[:, 0].float().cpu())
-                raise Done
-
-            with Hooks() as hooks, self.disabled():
-                hooks.pre(block, put, with_kwargs=True, prepend=True)
-                hooks.forward(attn, take, prepend=True)
-                self._run_text(len(chunk), Done)
-        return torch.cat(out).to(h)
-
-    def _run_text(self, n: int, done: type) -> None:
-        """Run n one-token sequences through the text decoder until a hook raises `done`."""
-        parent = self.model.get_submodule(self.stack.layers_path.rsplit(".", 1)[0])
-        token = int(getattr(self.stack.text_config, "bos_token_id", None) or 0)
-        ids = torch.full((n, 1), token, device=self.device)
-        zeros = torch.zeros(n, 1, self.stack.hidden_size, device=self.device, dtype=next(parent.parameters()).dtype)
-        attempts = [(parent, {"inputs_embeds": zeros}), (parent, {"input_ids": ids}),
-                    (parent, {"hidden_states": zeros}), (self.model, {"input_ids": ids})]
-        errors = []
-        for module, kwargs in attempts:
+        with Hooks() as hooks, self.disabled():
+            hooks.pre(block, put, with_kwargs=True, prepend=True)
+            hooks.forward(attn, take, prepend=True)
             try:
-                module(**kwargs)
-            except done:
-                return
-            except Exception as err:  # this signature does not fit; try the next
-                errors.append(f"{type(module).__name__}({', '.join(kwargs)}): {err}")
-        raise RuntimeError("could not run the text decoder on one-token inputs to compute the memory's values:\n"
-                           + "\n".join(errors))
+                self.model(**batch)
+            except Done:
+                pass
+        return out[0].to(h)
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "UniKE":
@@ -327,7 +316,7 @@ class UniKE:
         """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
         self._check_attached()
         cfg = self.config
-        collected = {l: {"h_sem": [], "h_pos": [], "h_neg": [], "q": [], "other": []} for l in self.layer_ids}
+        collected = {l: {"h_sem": [], "h_pos": [], "v_pos": [], "h_neg": [], "q": [], "other": []} for l in self.layer_ids}
         for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
             pos, neg = self._inputs(pos), self._inputs(neg)
             sem = last_prompt_index(pos["attention_mask"], pos["labels"])
@@ -337,6 +326,7 @@ class UniKE:
             for l, st in self._states(pos).items():
                 collected[l]["h_sem"].append(st["h_sem"].cpu())
                 collected[l]["h_pos"].append(st["h_pos"].cpu())
+                collected[l]["v_pos"].append(self._attn_values(l, st["h_pos"], pos).cpu())
                 collected[l]["q"].append(st["q"][rows, sem].cpu())
                 collected[l]["other"].append(st["x"][other][::7].cpu())
             for l, st in self._states(neg).items():
@@ -354,7 +344,7 @@ class UniKE:
             self.spaces[l].to(dev)
             mem = self.memory[l]
             mem.truncate(0)
-            mem.add(st["h_sem"], st["h_pos"], self._attn_values(l, st["h_pos"]))
+            mem.add(st["h_sem"], st["h_pos"], st["v_pos"])
             mem.n_fit.fill_(len(mem))
             mem.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
             keep = torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]
@@ -390,7 +380,7 @@ class UniKE:
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:
             for l in self.layer_ids:
                 h_pos = states[l]["h_pos"]
-                self.memory[l].add(states[l]["h_sem"], h_pos, self._attn_values(l, h_pos))
+                self.memory[l].add(states[l]["h_sem"], h_pos, self._attn_values(l, h_pos, inputs))
         info = {"steps": 0, "loss": 0.0}
         if cfg.intrinsic:
             info = self._train_neurons(inputs, states, progress)
@@ -460,7 +450,8 @@ class UniKE:
             for step in tqdm(range(1, cfg.edit_steps + 1), desc="edit", disable=not progress):
                 logits = self.model(**batch).logits[:, -labels.shape[1]:][:, :-1].float()
                 ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE)
-                correct = bool((logits.argmax(-1)[tgt != IGNORE] == tgt[tgt != IGNORE]).all())
+                probs = logits.softmax(-1)[tgt != IGNORE].gather(-1, tgt[tgt != IGNORE][:, None])
+                correct = bool((probs > cfg.stop_prob).all())
                 act = neg_loss = torch.zeros((), device=logits.device)
                 n_new = cfg.n_neurons
                 for l in self.layer_ids:
