@@ -113,6 +113,9 @@ class UniKE:
     def __init__(self, model: nn.Module, processor=None, config: UniKEConfig | None = None):
         self.model, self.processor = model, processor
         self.config = cfg = config or UniKEConfig()
+        if getattr(model.config, "is_encoder_decoder", False) or getattr(model.config.get_text_config(), "is_encoder_decoder", False):
+            raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model: its answer lives in "
+                                      "decoder_input_ids, which UniKE does not edit yet; use a decoder-only VLM")
         self.stack = locate(model, layers=cfg.layers_path)
         n = len(self.stack)
         ids = list(range(n - cfg.layers, n)) if isinstance(cfg.layers, int) else sorted(cfg.layers)
