@@ -10,8 +10,9 @@ from unike.tiny import WEIGHTS, load_tiny
 from unike.tiny.batch import Encoder, Example
 from unike.tiny.evaluate import evaluate_tiny
 
-# Measured on the full held-out set (weights/metrics.json) minus a margin for the small sample used here.
-MIN = {"vqa": 92.0, "attributes": 92.0, "text": 95.0, "caption": 85.0, "image_dependence": 85.0}
+# Measured on 3x100 held-out renderings per cell (weights/metrics.json: VQA 96.0, attributes 98.5, text 100,
+# caption 95.8, image dependence 91.9) minus a margin for the 12-entity sample used here.
+MIN = {"vqa": 92.0, "attributes": 94.0, "text": 97.0, "caption": 90.0, "image_dependence": 86.0}
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +83,12 @@ def test_metrics_file_records_the_targets():
 
 
 def test_image_dependence(tiny, world):
-    """The same question over two entities' images gets each entity's own answer."""
+    """The same question over two entities' images (different true answers) gets each entity's own answer."""
     model, processor = tiny
-    pairs = [(e, o) for e, o in zip(world.entities[:6], world.entities[50:56])]
-    q = "what is the name of this creature ?"
-    for e, o in pairs:
-        assert answer(model, processor, world.render(e, 10**6 + 1), q) == e.name
-        assert answer(model, processor, world.render(o, 10**6 + 1), q) == o.name
+    cases = world.edit_cases("vqa", 60, seed=5)  # ri_image: another entity, same question, another answer
+    both = [answer(model, processor, c.image, c.prompt) == c.ground_truth
+            and answer(model, processor, c.ri_image, c.prompt) == c.ri_answer for c in cases]
+    assert sum(both) / len(both) >= 0.82, both  # measured: 92% of 4,500 held-out pairs (weights/metrics.json)
 
 
 def test_greedy_answers_match_ground_truth(tiny, world):

@@ -129,7 +129,8 @@ class UniKE:
         self.memory = {l: LatentMemory(d, self.spaces[l], cfg.top_k, cfg.temperature, cfg.alpha)
                        for l in self.layer_ids}
         self.neurons = {l: NeuronPatch(d, cfg.n_neurons, cfg.neuron_act, cfg.beta) for l in self.layer_ids}
-        self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}
+        self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}   # FFN inputs of fit questions
+        self.edited = {l: torch.zeros(0, d) for l in self.layer_ids}      # FFN inputs of earlier edits' targets
         self.fitted, self.n_edits, self._enabled, self._warned = False, 0, True, False
         self._x: dict[int, Tensor] = {}
         self._q: dict[int, Tensor] = {}
@@ -402,8 +403,13 @@ class UniKE:
             w = delta
         return (w * self.config.margin_pos / (w * delta).sum(-1, keepdim=True).clamp_min(1e-6)).T
 
+    def _negative_pool(self, l: int, q: Tensor, neg_mask: Tensor) -> Tensor:
+        """Negatives of layer l: fit questions' FFN inputs, earlier edits' (so that a sequence of edits
+        does not overwrite itself) and the edit input's own prompt positions."""
+        return torch.cat([self.negatives[l].to(q), self.edited[l].to(q), q[neg_mask]])
+
     def _unrelated(self, states, rows, cols, neg_mask) -> Tensor:
-        """Which negatives (fit FFN inputs, then the edit's own prompt positions) are unrelated to the edit.
+        """Which negatives of `_negative_pool` are unrelated to the edit.
 
         A negative is the *same knowledge* as the edit (another rendering or wording of the edited fact,
         which the edit should reach) when its FFN input agrees with the edit's at every edited layer:
@@ -413,7 +419,7 @@ class UniKE:
         cos = 0
         for l in self.layer_ids:
             q = states[l]["q"]
-            neg = torch.cat([self.negatives[l].to(q), q[neg_mask]])
+            neg = self._negative_pool(l, q, neg_mask)
             mu, sd = neg.mean(0), neg.std(0).clamp_min(1e-5) if len(neg) > 1 else torch.ones_like(q[0, 0])
             cos = cos + (F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q[rows, cols] - mu) / sd, dim=-1).T).max(1).values
         return cos / len(self.layer_ids) < self.config.neg_exclude_cos
@@ -430,8 +436,9 @@ class UniKE:
         for l in self.layer_ids:
             q = states[l]["q"]
             q_pos = q[rows, cols]                                           # [P, d]
-            neg = torch.cat([self.negatives[l].to(q), q[neg_mask]])
+            neg = self._negative_pool(l, q, neg_mask)
             mu = neg.mean(0)
+            self.edited[l] = torch.cat([self.edited[l], q_pos.cpu()])
             negatives[l] = neg[keep]
             keys = self._init_keys(q_pos[assign], neg, mu)
             bias = -(mu @ keys)
@@ -481,6 +488,7 @@ class UniKE:
         self._check_attached()
         for l in self.layer_ids:
             self.neurons[l].clear()
+            self.edited[l] = self.edited[l][:0]
             self.memory[l].truncate(int(self.memory[l].n_fit))
         self.n_edits = 0
         return self
@@ -509,6 +517,7 @@ class UniKE:
             for k in ("keys", "bias", "values", "zeta", "truth"):
                 out[f"neurons.{l}.{k}"] = getattr(patch, k)
             out[f"negatives.{l}"] = self.negatives[l]
+            out[f"edited.{l}"] = self.edited[l]
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def save(self, path) -> Path:
@@ -561,3 +570,4 @@ class UniKE:
             for k in ("keys", "bias", "values", "zeta", "truth"):
                 setattr(patch, k, state[f"neurons.{l}.{k}"].to(dev))
             self.negatives[l] = state[f"negatives.{l}"]
+            self.edited[l] = state[f"edited.{l}"]

@@ -56,9 +56,9 @@ def eval_items(world: SynthWorld, per_cell: int | None = None, seed: int = 0) ->
     return items
 
 
-def _pct(xs) -> float:
+def _pct(xs) -> float | None:
     xs = list(xs)
-    return round(100.0 * sum(xs) / max(1, len(xs)), 2)
+    return round(100.0 * sum(xs) / len(xs), 2) if xs else None
 
 
 def evaluate_tiny(model, processor, world: SynthWorld | None = None, per_cell: int | None = None, seed: int = 0,

@@ -78,7 +78,8 @@ def _groups(named_params, scale: float) -> list[dict]:
     decay, rest = [], []
     for name, p in named_params:
         (decay if p.ndim == 2 and "embed" not in name else rest).append(p)
-    return [{"params": decay, "weight_decay": WD, "scale": scale}, {"params": rest, "weight_decay": 0.0, "scale": scale}]
+    return [{"params": decay, "weight_decay": WD, "scale": scale},
+            {"params": rest, "weight_decay": 0.0, "scale": scale}]
 
 
 def _labels(auxes: list[dict]) -> dict:
