@@ -124,6 +124,8 @@ def test_triplets(world):
     assert len(trip) == 2000
     assert all(t.wrong != t.right and t.wrong and t.right for t in trip)
     assert len({(t.question, t.right) for t in trip}) > 300
+    kinds = {("text" if t.image is None else "caption" if t.question in CAPTION_PROMPTS else "image") for t in trip}
+    assert kinds == {"text", "caption", "image"}
     some = world.triplets(n=3, seed=0)
     assert [t.question for t in some] == [t.question for t in trip[:3]]
 

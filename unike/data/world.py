@@ -304,23 +304,33 @@ class SynthWorld:
 
     # ----------------------------------------------------------------------------- triplets
     def triplets(self, n: int = 2000, seed: int = 0, model=None, processor=None) -> list[Triplet]:
-        """`n` held-out (image, question, right, wrong) triplets over all facts and attributes.
+        """`n` held-out (image, question, right, wrong) triplets over every kind of question the world asks:
+        facts and attributes of a rendered entity, captions, and text-only facts (image None).
 
         The wrong answer is the model's own greedy answer where a model is given and it errs, else a
         distractor from the same fact's vocabulary.
         """
         rng = random.Random(f"triplets-{self.seed}-{seed}")
-        keys = FACTS + ATTRIBUTES
-        pool = [(e, k, q) for e in self.entities for k in keys for q in range(3)]  # 2,400 distinct items
+        pool = [("image", e, k, q) for e in self.entities for k in FACTS + ATTRIBUTES for q in range(3)]
+        pool += [("caption", e, "caption", q) for e in self.entities for q in range(len(CAPTION_PROMPTS))]
+        pool += [("text", fact, None, q) for fact in self.text_facts() for q in range(3)]
         order: list = []
         while len(order) < n:
             chunk = pool[:]
             rng.shuffle(chunk)
             order += chunk
         out = []
-        for e, key, q in order[:n]:
-            image, question, right = self.render(e, self._seed(rng)), QUESTIONS[key][q], e.get(key)
-            wrong = rng.choice([v for v in self.answers(key) if v != right])
+        for kind, item, key, q in order[:n]:
+            if kind == "text":
+                rel, subj, right = item
+                image, question = None, self.text_question(rel, subj, q)
+                wrong = rng.choice(sorted({a for r, _, a in self.text_facts() if r == rel} - {right}))
+            elif kind == "caption":
+                image, question, right = self.render(item, self._seed(rng)), CAPTION_PROMPTS[q], self.caption(item)
+                wrong = self.caption(self._other(rng, item))
+            else:
+                image, question, right = self.render(item, self._seed(rng)), QUESTIONS[key][q], item.get(key)
+                wrong = rng.choice([v for v in self.answers(key) if v != right])
             if model is not None:
                 from ..answer import answer
 
