@@ -473,14 +473,14 @@ class UniKE:
                         hinge = F.relu(patch.preactivation(negatives[l])[:, -n_new:] + cfg.margin_neg)
                         neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
                 loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
-                if correct and float(act) == 0 and float(neg_loss) == 0:
+                if correct and act.item() == 0 and neg_loss.item() == 0:
                     break
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         for l in self.layer_ids:
             self.neurons[l].commit()
-        return {"steps": step, "loss": float(loss)}
+        return {"steps": step, "loss": loss.item()}
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def reset(self) -> "UniKE":
