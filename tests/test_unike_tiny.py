@@ -19,7 +19,7 @@ def setup():
     model, processor = unike.load_tiny()
     world = unike.SynthWorld(seed=0)
     editor = unike.UniKE(model, processor)
-    editor.fit(world.triplets(n=1000, seed=3), progress=False)
+    editor.fit(world.triplets(n=2000, seed=3), progress=False)
     yield model, processor, world, editor
     editor.detach()
 

@@ -44,7 +44,7 @@ class UniKEConfig:
     intrinsic: bool = True
     n_neurons: int = 10                  # per edit and layer (paper: 10)
     neuron_act: str = "relu"             # exact zero on inputs the neurons do not match (ours)
-    edit_steps: int = 40
+    edit_steps: int = 60
     stop_prob: float = 0.5               # stop once every target token has at least this probability (an argmax)
     edit_lr: float = 0.05                # Adam step relative to each tensor's scale (keys, values: hidden rms)
     margin_pos: float = 2.0              # pre-activation on the edit's own positions ≥ this
@@ -53,6 +53,7 @@ class UniKEConfig:
     neg_weight: float = 1.0
     neg_memory_size: int = 4096          # FFN inputs kept from fit() as negatives for the activation loss
     key_ridge: float | None = 0.1        # None: keys along q − μ (T-Patcher); else the ridge of Σ⁻¹(q − μ)
+    memory_positives: bool = True        # fit inputs that are the same knowledge as the edit train the neurons to fire
     neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
     # external knowledge (latent memory)
     latent: bool = True
@@ -431,8 +432,9 @@ class UniKE:
         neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
         rows, cols = pos_mask.nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
-        negatives, groups = {}, []
+        negatives, positives, groups = {}, {}, []
         keep = self._unrelated(states, rows, cols, neg_mask)
+        first = assign == 0                                       # neurons at the question's last token
         for l in self.layer_ids:
             q = states[l]["q"]
             q_pos = q[rows, cols]                                           # [P, d]
@@ -440,6 +442,8 @@ class UniKE:
             mu = neg.mean(0)
             self.edited[l] = torch.cat([self.edited[l], q_pos.cpu()])
             negatives[l] = neg[keep]
+            n_fit = len(self.negatives[l])                    # fit inputs that are the same knowledge: fire there too
+            positives[l] = neg[:n_fit][~keep[:n_fit]] if cfg.memory_positives else neg[:0]
             keys = self._init_keys(q_pos[assign], neg, mu)
             bias = -(mu @ keys)
             patch = self.neurons[l]
@@ -469,6 +473,9 @@ class UniKE:
                     q = self._tokens(self._q[l], inputs)
                     z = patch.preactivation(q[rows, cols][assign])[:, -n_new:]         # [n, n] own positions
                     act = act + F.relu(cfg.margin_pos - z.diagonal()).mean()
+                    if len(positives[l]):
+                        zp = patch.preactivation(positives[l])[:, -n_new:][:, first]
+                        act = act + F.relu(cfg.margin_pos - zp).mean()
                     if len(negatives[l]):      # mean over the violating negatives: hard ones are not diluted
                         hinge = F.relu(patch.preactivation(negatives[l])[:, -n_new:] + cfg.margin_neg)
                         neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
