@@ -25,7 +25,7 @@ from .hooks import Hooks
 from .locate import locate
 from .memory import LatentMemory
 from .neurons import NeuronPatch
-from .prompting import IGNORE, collate, encode, pad_id_of
+from .prompting import IGNORE, collate, encode, on_model, pad_id_of
 from .roles import last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
@@ -234,7 +234,7 @@ class UniKE:
         if limit and inputs["input_ids"].shape[1] > limit:
             raise ValueError(f"the edit input has {inputs['input_ids'].shape[1]} tokens, more than the model's "
                              f"context of {limit}; shorten the prompt or the target")
-        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        return on_model(inputs, self.model)
 
     @torch.no_grad()
     def _states(self, inputs: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.case import EditCase, load_image
-from .prompting import collate, encode, pad_id_of, tokenizer_of
+from .prompting import collate, encode, on_model, pad_id_of, tokenizer_of
 
 PROTOCOLS = ("token_acc", "exact")
 EDIT_METRICS = ("rel", "t_gen", "m_gen")
@@ -75,10 +75,6 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def token_predictions(model, processor, items: Sequence[Probe], batch_size: int = 16) -> list[torch.Tensor]:
     """Teacher-forced argmax ids at the answer positions, one 1-D tensor per probe."""
@@ -86,7 +82,7 @@ def token_predictions(model, processor, items: Sequence[Probe], batch_size: int 
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         encs = [encode(processor, load_image(p.image), p.prompt, p.answer) for p in chunk]
-        batch = {k: v.to(_device(model)) for k, v in collate(encs, pad, side="right").items()}
+        batch = on_model(collate(encs, pad, side="right"), model)
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, -labels.shape[1]:]
         pred = logits[:, :-1].argmax(-1)
@@ -108,7 +104,7 @@ def generations(model, processor, items: Sequence[Probe], batch_size: int = 16, 
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         encs = [encode(processor, load_image(p.image), p.prompt) for p in chunk]
-        batch = {k: v.to(_device(model)) for k, v in collate(encs, pad, side="left").items()}
+        batch = on_model(collate(encs, pad, side="left"), model)
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         out += [s.strip() for s in tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
     return out

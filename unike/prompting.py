@@ -97,3 +97,10 @@ def collate(encodings: Sequence[dict[str, Tensor]], pad_id: int, side: str = "le
 def pad_id_of(processor) -> int:
     tok = tokenizer_of(processor)
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def on_model(inputs: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """Inputs moved to the model's device; floating tensors (pixels) cast to its dtype."""
+    p = next(model.parameters())
+    return {k: (v.to(p.device, p.dtype) if torch.is_floating_point(v) else v.to(p.device))
+            if isinstance(v, Tensor) else v for k, v in inputs.items()}
