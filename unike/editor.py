@@ -54,6 +54,7 @@ class UniKEConfig:
     neg_memory_size: int = 4096          # FFN inputs kept from fit() as negatives for the activation loss
     key_ridge: float | None = 0.1        # None: keys along q − μ (T-Patcher); else the ridge of Σ⁻¹(q − μ)
     memory_positives: bool = True        # fit inputs that are the same knowledge as the edit train the neurons to fire
+    image_negatives: int = 16            # other fit questions over the edit's image, as negatives (EditCase edits)
     neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
     # external knowledge (latent memory)
     latent: bool = True
@@ -133,6 +134,7 @@ class UniKE:
         self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}   # FFN inputs of fit questions
         self.edited = {l: torch.zeros(0, d) for l in self.layer_ids}      # FFN inputs of earlier edits' targets
         self.fitted, self.n_edits, self._enabled, self._warned = False, 0, True, False
+        self._fit_questions: list[str] = []      # image questions seen in fit (for image negatives)
         self._x: dict[int, Tensor] = {}
         self._q: dict[int, Tensor] = {}
         self.hooks = Hooks()
@@ -301,6 +303,7 @@ class UniKE:
             raise ValueError("fit(triplets) needs a processor: UniKE(model, processor); without one, "
                              "call fit_inputs() with inputs dicts that carry labels")
         pad = pad_id_of(self.processor)
+        questions = sorted({t.question for t in triplets if t.image is not None})
 
         def pairs():
             for start in range(0, len(triplets), batch_size):
@@ -309,7 +312,9 @@ class UniKE:
                 yield tuple(collate([encode(self.processor, im, t.question, getattr(t, side))
                                      for im, t in zip(images, chunk)], pad, side="right")
                             for side in ("right", "wrong"))
-        return self.fit_inputs(pairs(), total=-(-len(triplets) // batch_size), progress=progress)
+        self.fit_inputs(pairs(), total=-(-len(triplets) // batch_size), progress=progress)
+        self._fit_questions = questions
+        return self
 
     def _check_count(self, n: int) -> None:
         if n < self.config.min_triplets:
@@ -388,7 +393,8 @@ class UniKE:
                 self.memory[l].add(states[l]["h_sem"], h_pos, self._attn_values(l, h_pos, inputs))
         info = {"steps": 0, "loss": 0.0}
         if cfg.intrinsic:
-            info = self._train_neurons(inputs, states, progress)
+            extra = self._image_negatives(item) if isinstance(item, EditCase) else None
+            info = self._train_neurons(inputs, states, progress, extra)
         self.n_edits += 1
         return info
 
@@ -404,12 +410,33 @@ class UniKE:
             w = delta
         return (w * self.config.margin_pos / (w * delta).sum(-1, keepdim=True).clamp_min(1e-6)).T
 
-    def _negative_pool(self, l: int, q: Tensor, neg_mask: Tensor) -> Tensor:
+    def _negative_pool(self, l: int, q: Tensor, neg_mask: Tensor, extra: Tensor | None = None) -> Tensor:
         """Negatives of layer l: fit questions' FFN inputs, earlier edits' (so that a sequence of edits
-        does not overwrite itself) and the edit input's own prompt positions."""
-        return torch.cat([self.negatives[l].to(q), self.edited[l].to(q), q[neg_mask]])
+        does not overwrite itself), the edit input's own prompt positions, and `extra` (other questions
+        over the edit's own image)."""
+        parts = [self.negatives[l].to(q), self.edited[l].to(q), q[neg_mask]]
+        return torch.cat(parts + ([extra.to(q)] if extra is not None else []))
 
-    def _unrelated(self, states, rows, cols, neg_mask) -> Tensor:
+    @torch.no_grad()
+    def _image_negatives(self, case: EditCase) -> dict[int, Tensor] | None:
+        """FFN inputs at the last token of other fit questions asked over the edit's own image: the edit
+        must not leak into the entity's other facts (paraphrases of the edited question are recognised as
+        the same knowledge by `_unrelated` and left out)."""
+        n = self.config.image_negatives
+        if not (n and self._fit_questions and case.image is not None and self.processor is not None):
+            return None
+        image = load_image(case.image)
+        gen = torch.Generator().manual_seed(self.config.seed + self.n_edits)
+        pool = [q for q in self._fit_questions if q != case.prompt]
+        picks = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:n].tolist()]
+        batch = on_model(collate([encode(self.processor, image, q) for q in picks], pad_id_of(self.processor)), self.model)
+        with self.disabled():
+            self.model(**batch)
+        last = last_index(batch["attention_mask"])
+        rows = torch.arange(len(last), device=last.device)
+        return {l: self._tokens(self._q[l], batch)[rows, last].float() for l in self.layer_ids}
+
+    def _unrelated(self, states, rows, cols, neg_mask, extra) -> Tensor:
         """Which negatives of `_negative_pool` are unrelated to the edit.
 
         A negative is the *same knowledge* as the edit (another rendering or wording of the edited fact,
@@ -420,12 +447,12 @@ class UniKE:
         cos = 0
         for l in self.layer_ids:
             q = states[l]["q"]
-            neg = self._negative_pool(l, q, neg_mask)
+            neg = self._negative_pool(l, q, neg_mask, extra and extra[l])
             mu, sd = neg.mean(0), neg.std(0).clamp_min(1e-5) if len(neg) > 1 else torch.ones_like(q[0, 0])
             cos = cos + (F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q[rows, cols] - mu) / sd, dim=-1).T).max(1).values
         return cos / len(self.layer_ids) < self.config.neg_exclude_cos
 
-    def _train_neurons(self, inputs, states, progress) -> dict[str, float]:
+    def _train_neurons(self, inputs, states, progress, extra=None) -> dict[str, float]:
         cfg = self.config
         labels = inputs["labels"]
         pos_mask = target_positions(labels)                       # positions that predict target tokens
@@ -433,12 +460,12 @@ class UniKE:
         rows, cols = pos_mask.nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
         negatives, positives, groups = {}, {}, []
-        keep = self._unrelated(states, rows, cols, neg_mask)
+        keep = self._unrelated(states, rows, cols, neg_mask, extra)
         first = assign == 0                                       # neurons at the question's last token
         for l in self.layer_ids:
             q = states[l]["q"]
             q_pos = q[rows, cols]                                           # [P, d]
-            neg = self._negative_pool(l, q, neg_mask)
+            neg = self._negative_pool(l, q, neg_mask, extra and extra[l])
             mu = neg.mean(0)
             self.edited[l] = torch.cat([self.edited[l], q_pos.cpu()])
             negatives[l] = neg[keep]
@@ -535,6 +562,7 @@ class UniKE:
         save_file(self.state(), str(path / STATE_FILE))
         meta = {"config": asdict(self.config), "layer_ids": self.layer_ids, "num_layers": len(self.stack),
                 "hidden_size": self.stack.hidden_size, "fitted": self.fitted, "n_edits": self.n_edits,
+                "fit_questions": self._fit_questions,
                 "model_class": type(self.model).__name__}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return path
@@ -564,6 +592,7 @@ class UniKE:
             editor.detach()
             raise
         editor.fitted, editor.n_edits = meta["fitted"], meta["n_edits"]
+        editor._fit_questions = list(meta.get("fit_questions", []))
         return editor
 
     def _load_state(self, state: dict[str, Tensor]) -> None:
