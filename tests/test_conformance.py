@@ -109,18 +109,22 @@ def test_locate_finds_the_text_layers(arch):
     assert stack.layers_path in stack.describe()
 
 
+def _record_token_counts(h: Hooks, stack, hidden: int, seen: dict) -> None:
+    """Hook every located attn, mlp and mlp_in; each call appends its token count to seen[(layer, role)]."""
+    def rec(key, t):
+        seen.setdefault(key, []).append(_tokens(t, hidden))
+
+    for ly in stack:
+        h.forward(ly.attn, lambda m, a, o, k=(ly.index, "attn"): rec(k, _first(o)))
+        h.forward(ly.mlp, lambda m, a, o, k=(ly.index, "mlp"): rec(k, _first(o)))
+        h.pre(ly.mlp_in, lambda m, a, k=(ly.index, "mlp_in"): rec(k, a[0]))
+
+
 def test_hooks_fire_once_per_forward(arch):
     model, stack, H = arch.model, arch.extra["stack"], arch.extra["stack"].hidden_size
     seen: dict[tuple, list[int]] = {}
-
-    def rec(key, t):
-        seen.setdefault(key, []).append(_tokens(t, H))
-
     with Hooks() as h:
-        for ly in stack:
-            h.forward(ly.attn, lambda m, a, o, k=(ly.index, "attn"): rec(k, _first(o)))
-            h.forward(ly.mlp, lambda m, a, o, k=(ly.index, "mlp"): rec(k, _first(o)))
-            h.pre(ly.mlp_in, lambda m, a, k=(ly.index, "mlp_in"): rec(k, a[0]))
+        _record_token_counts(h, stack, H, seen)
         assert len(h) == 3 * len(stack)
         logits = _logits(model, arch.inputs)
     assert torch.equal(logits, arch.extra["base"])  # recording hooks change nothing
@@ -135,15 +139,8 @@ def test_hooks_fire_once_per_forward(arch):
 def test_hooks_fire_at_each_generate_step(arch, use_cache):
     model, stack, H = arch.model, arch.extra["stack"], arch.extra["stack"].hidden_size
     seen: dict[tuple, list[int]] = {}
-
-    def rec(key, t):
-        seen.setdefault(key, []).append(_tokens(t, H))
-
     with Hooks() as h:
-        for ly in stack:
-            h.forward(ly.attn, lambda m, a, o, k=(ly.index, "attn"): rec(k, _first(o)))
-            h.forward(ly.mlp, lambda m, a, o, k=(ly.index, "mlp"): rec(k, _first(o)))
-            h.pre(ly.mlp_in, lambda m, a, k=(ly.index, "mlp_in"): rec(k, a[0]))
+        _record_token_counts(h, stack, H, seen)
         _generate(model, arch.inputs, use_cache)
     for key, toks in seen.items():
         assert len(toks) == N_NEW, f"{key}: {len(toks)} calls for {N_NEW} new tokens ({toks})"
