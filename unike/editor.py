@@ -132,6 +132,7 @@ class UniKE:
                        for l in self.layer_ids}
         self.neurons = {l: NeuronPatch(d, cfg.n_neurons, cfg.neuron_act, cfg.beta) for l in self.layer_ids}
         self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}   # FFN inputs of fit questions
+        self.answer_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... inside fit answers
         self.edited = {l: torch.zeros(0, d) for l in self.layer_ids}      # FFN inputs of earlier edits' targets
         self.fitted, self.n_edits, self._enabled, self._warned = False, 0, True, False
         self._fit_questions: list[str] = []      # image questions seen in fit (for image negatives)
@@ -326,18 +327,21 @@ class UniKE:
         """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
         self._check_attached()
         cfg = self.config
-        collected = {l: {"h_sem": [], "h_pos": [], "v_pos": [], "h_neg": [], "q": [], "other": []} for l in self.layer_ids}
+        collected = {l: {"h_sem": [], "h_pos": [], "v_pos": [], "h_neg": [], "q": [], "q_ans": [], "other": []} for l in self.layer_ids}
         for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
             pos, neg = self._inputs(pos), self._inputs(neg)
             sem = last_prompt_index(pos["attention_mask"], pos["labels"])
             rows = torch.arange(len(sem), device=sem.device)
             other = pos["attention_mask"].bool() & (pos["labels"] == IGNORE)   # prompt tokens before the last
             other[rows, sem] = False
+            inside = target_positions(pos["labels"])             # positions inside the answer that predict a token
+            inside[rows, sem] = False
             for l, st in self._states(pos).items():
                 collected[l]["h_sem"].append(st["h_sem"].cpu())
                 collected[l]["h_pos"].append(st["h_pos"].cpu())
                 collected[l]["v_pos"].append(self._attn_values(l, st["h_pos"], pos).cpu())
                 collected[l]["q"].append(st["q"][rows, sem].cpu())
+                collected[l]["q_ans"].append(st["q"][inside].cpu())
                 collected[l]["other"].append(st["x"][other][::7].cpu())
             for l, st in self._states(neg).items():
                 collected[l]["h_neg"].append(st["h_pos"].cpu())
@@ -359,6 +363,8 @@ class UniKE:
             mem.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
             keep = torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]
             self.negatives[l] = st["q"][keep]
+            inside = torch.randperm(st["q_ans"].shape[0], generator=gen)[:cfg.neg_memory_size]
+            self.answer_negatives[l] = st["q_ans"][inside]
             self.neurons[l].truth = self._zeta(l, st, gen).to(dev)
         self.fitted = True
         self.reset()
@@ -459,7 +465,7 @@ class UniKE:
         neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
         rows, cols = pos_mask.nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
-        negatives, positives, groups = {}, {}, []
+        negatives, positives, inside, groups = {}, {}, {}, []
         keep = self._unrelated(states, rows, cols, neg_mask, extra)
         first = assign == 0                                       # neurons at the question's last token
         for l in self.layer_ids:
@@ -473,6 +479,11 @@ class UniKE:
             positives[l] = neg[:n_fit][~keep[:n_fit]] if cfg.memory_positives else neg[:0]
             keys = self._init_keys(q_pos[assign], neg, mu)
             bias = -(mu @ keys)
+            inside[l] = self.answer_negatives[l].to(q)
+            if len(inside[l]) and not first.all():   # neurons inside a multi-token answer: against fit answers
+                pool = torch.cat([inside[l], neg])
+                k_in = self._init_keys(q_pos[assign[~first]], pool, pool.mean(0))
+                keys[:, ~first], bias[~first] = k_in, -(pool.mean(0) @ k_in)
             patch = self.neurons[l]
             patch.begin(keys, bias, use_zeta=cfg.collaboration and cfg.zeta != "none")
             # step sizes relative to each tensor's natural scale, so one edit_lr fits every model width
@@ -505,6 +516,9 @@ class UniKE:
                         act = act + F.relu(cfg.margin_pos - zp).mean()
                     if len(negatives[l]):      # mean over the violating negatives: hard ones are not diluted
                         hinge = F.relu(patch.preactivation(negatives[l])[:, -n_new:] + cfg.margin_neg)
+                        neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
+                    if len(inside[l]) and not first.all():
+                        hinge = F.relu(patch.preactivation(inside[l])[:, -n_new:][:, ~first] + cfg.margin_neg)
                         neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
                 loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
                 if correct and act.item() == 0 and neg_loss.item() == 0:
@@ -551,6 +565,7 @@ class UniKE:
             for k in ("keys", "bias", "values", "zeta", "truth"):
                 out[f"neurons.{l}.{k}"] = getattr(patch, k)
             out[f"negatives.{l}"] = self.negatives[l]
+            out[f"answer_negatives.{l}"] = self.answer_negatives[l]
             out[f"edited.{l}"] = self.edited[l]
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
@@ -606,4 +621,5 @@ class UniKE:
             for k in ("keys", "bias", "values", "zeta", "truth"):
                 setattr(patch, k, state[f"neurons.{l}.{k}"].to(dev))
             self.negatives[l] = state[f"negatives.{l}"]
+            self.answer_negatives[l] = state[f"answer_negatives.{l}"]
             self.edited[l] = state[f"edited.{l}"]
