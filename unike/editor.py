@@ -115,7 +115,9 @@ class UniKE:
     def __init__(self, model: nn.Module, processor=None, config: UniKEConfig | None = None):
         self.model, self.processor = model, processor
         self.config = cfg = config or UniKEConfig()
-        if getattr(model.config, "is_encoder_decoder", False) or getattr(model.config.get_text_config(), "is_encoder_decoder", False):
+        mcfg = getattr(model, "config", None)
+        text_cfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+        if getattr(mcfg, "is_encoder_decoder", False) or getattr(text_cfg, "is_encoder_decoder", False):
             raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model: its answer lives in "
                                       "decoder_input_ids, which UniKE does not edit yet; use a decoder-only VLM")
         self.stack = locate(model, layers=cfg.layers_path)
