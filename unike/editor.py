@@ -231,8 +231,6 @@ class UniKE:
                              f"{tuple(inputs['input_ids'].shape)}")
         if not (labels != IGNORE).any(1).all():
             raise ValueError("a row of labels has no target token (all -100): mark the answer tokens")
-        if not (target_positions(labels) | (labels != IGNORE)).any():
-            raise ValueError("labels mark no answer")
         if labels[:, 0].ne(IGNORE).any():
             raise ValueError("labels mark the first token: the prompt must come before the answer")
         limit = getattr(self.stack.text_config, "max_position_embeddings", None)
@@ -444,8 +442,8 @@ class UniKE:
         rows = torch.arange(len(last), device=last.device)
         return {l: self._tokens(self._q[l], batch)[rows, last].float() for l in self.layer_ids}
 
-    def _unrelated(self, states, rows, cols, neg_mask, extra) -> Tensor:
-        """Which negatives of `_negative_pool` are unrelated to the edit.
+    def _unrelated(self, states, rows, cols, pools: dict[int, Tensor]) -> Tensor:
+        """Which negatives of the per-layer `pools` (`_negative_pool`) are unrelated to the edit.
 
         A negative is the *same knowledge* as the edit (another rendering or wording of the edited fact,
         which the edit should reach) when its FFN input agrees with the edit's at every edited layer:
@@ -454,8 +452,7 @@ class UniKE:
         """
         cos = 0
         for l in self.layer_ids:
-            q = states[l]["q"]
-            neg = self._negative_pool(l, q, neg_mask, extra and extra[l])
+            q, neg = states[l]["q"], pools[l]
             mu, sd = neg.mean(0), neg.std(0).clamp_min(1e-5) if len(neg) > 1 else torch.ones_like(q[0, 0])
             cos = cos + (F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q[rows, cols] - mu) / sd, dim=-1).T).max(1).values
         return cos / len(self.layer_ids) < self.config.neg_exclude_cos
@@ -468,12 +465,13 @@ class UniKE:
         rows, cols = pos_mask.nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
         negatives, positives, inside, groups = {}, {}, {}, []
-        keep = self._unrelated(states, rows, cols, neg_mask, extra)
+        pools = {l: self._negative_pool(l, states[l]["q"], neg_mask, extra and extra[l]) for l in self.layer_ids}
+        keep = self._unrelated(states, rows, cols, pools)
         first = assign == 0                                       # neurons at the question's last token
         for l in self.layer_ids:
             q = states[l]["q"]
             q_pos = q[rows, cols]                                           # [P, d]
-            neg = self._negative_pool(l, q, neg_mask, extra and extra[l])
+            neg = pools[l]
             mu = neg.mean(0)
             self.edited[l] = torch.cat([self.edited[l], q_pos.cpu()])
             negatives[l] = neg[keep]
