@@ -1,8 +1,9 @@
 """`unike bench --speed`: forward overhead, edit latency over a long sequence, and the size of an edit.
 
-* **Overhead**: the median time of a fixed teacher-forced batch through the model with UniKE attached,
-  divided by the plain model's (an identical deep copy), timed in one process, alternating plain and
-  edited forwards (order swapped every repeat) after a warm-up, under `torch.inference_mode`. Measured
+* **Overhead**: forward time of a fixed teacher-forced batch through the model with UniKE attached,
+  divided by the plain model's (an identical deep copy): timed in one process, plain and edited
+  forwards alternating in adjacent pairs (order swapped every repeat) after a warm-up, under
+  `torch.inference_mode`; the median of the per-pair ratios. Measured
   at 0 edits (hooks only), then with the buffers of `edits` edits, then with those and a `memory`-entry
   latent memory per layer. The buffers are filled directly with random keys and values of the real
   shapes (`edits` × n_neurons neurons per layer, `memory` entries per layer): a forward's cost depends
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.case import load_image
 from ..editor import UniKE, UniKEConfig
+from ..locate import locate
 from ..prompting import collate, encode, on_model, pad_id_of
 from .runs import Setup, sync
 
@@ -46,7 +48,9 @@ def timed_forward(model, inputs) -> float:
 
 @torch.inference_mode()
 def overhead(plain, edited, inputs, repeats: int = 20, warmup: int = 3) -> dict:
-    """Median forward seconds of `edited` and `plain` (alternating) and their ratio."""
+    """Median forward seconds of `plain` and `edited`, timed in adjacent pairs (order swapped every
+    repeat), and the overhead: the median over pairs of edited ÷ plain (adjacent timings share the
+    machine's drift, so the paired ratio is steadier than a ratio of medians on a busy machine)."""
     for _ in range(warmup):
         timed_forward(plain, inputs), timed_forward(edited, inputs)
     times = {"plain": [], "edited": []}
@@ -54,8 +58,9 @@ def overhead(plain, edited, inputs, repeats: int = 20, warmup: int = 3) -> dict:
         order = (("plain", plain), ("edited", edited)) if i % 2 == 0 else (("edited", edited), ("plain", plain))
         for name, model in order:
             times[name].append(timed_forward(model, inputs))
-    p, e = statistics.median(times["plain"]), statistics.median(times["edited"])
-    return {"plain_s": p, "edited_s": e, "ratio": e / p}
+    ratios = [e / p for e, p in zip(times["edited"], times["plain"])]
+    return {"plain_s": statistics.median(times["plain"]), "edited_s": statistics.median(times["edited"]),
+            "ratio": statistics.median(ratios), "repeats": repeats}
 
 
 @torch.no_grad()
@@ -95,7 +100,8 @@ def mid_model(hidden: int = 1024, layers: int = 8, seed: int = 0):
 def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int, seed: int = 0) -> dict:
     """Overhead at 0 edits, with `edits` edits, and with `edits` edits + a `memory`-entry memory."""
     plain = copy.deepcopy(model)
-    editor = UniKE(model, processor, UniKEConfig(seed=seed))
+    layers = min(UniKEConfig.layers, len(locate(model)))     # the default last 4 (all of a shallower decoder)
+    editor = UniKE(model, processor, UniKEConfig(seed=seed, layers=layers))
     try:
         out = {"0_edits": overhead(plain, model, inputs, repeats)}
         fill(editor, edits=edits, seed=seed)
