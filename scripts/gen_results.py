@@ -22,17 +22,18 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 
 COMMON = ["--out", "docs/results", "--append", "--seed", "0"]
-RUNS = {  # group -> bench invocations (arguments after `unike bench`)
+RUNS = {  # group -> bench invocations (arguments after `unike bench`), sized for a shared 2-core CPU
     "A": [
         ["--methods", "base,unike", "--task", "vqa,caption", "--n", "50"],
-        ["--methods", "intrin-only,latent-only,no-collab,zeta", "--task", "vqa", "--n", "30"],
-        ["--methods", "alpha", "--task", "vqa", "--n", "30"],
+        ["--methods", "intrin-only,latent-only,no-collab,zeta", "--task", "vqa", "--n", "20"],
         ["--methods", "unike", "--task", "cross", "--mode", "sequential", "--k", "10", "--n", "40"],
-        ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "1,10,20,50,100", "--n", "100"],
+        ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "10,20", "--n", "40"],
+        ["--methods", "alpha", "--task", "vqa", "--n", "20"],
+        ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "50,100", "--n", "100"],
     ],
     "B": [
         ["--methods", "ftlast,tpatcher,promptike,latentike", "--task", "vqa,caption", "--n", "50"],
-        ["--methods", "intrin+prompt-ike", "--task", "vqa", "--n", "30"],
+        ["--methods", "intrin+prompt-ike", "--task", "vqa", "--n", "20"],
         ["--methods", "ftlast,tpatcher", "--task", "vqa", "--mode", "sequential", "--k", "10,20", "--n", "40"],
         ["--methods", "ftlast,tpatcher", "--task", "cross", "--mode", "sequential", "--k", "10", "--n", "40"],
     ],
@@ -50,9 +51,9 @@ def shown(args: list[str]) -> str:
     return "unike bench " + " ".join(args + COMMON)
 
 
-def run(group: str) -> None:
+def run(group: str, skip: int = 0) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for args in RUNS[group]:
+    for args in RUNS[group][skip:]:
         print("$", shown(args), flush=True)
         subprocess.run(command(args), cwd=ROOT, env=env, check=True)
 
@@ -70,9 +71,10 @@ def short_table(results: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", nargs="*", default=[], choices=sorted(RUNS), help="bench groups to run first")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N invocations of the first group")
     args = ap.parse_args(argv)
-    for group in args.run:
-        run(group)
+    for i, group in enumerate(args.run):
+        run(group, args.skip if i == 0 else 0)
     sys.path.insert(0, str(ROOT))
     from unike.bench.report import markdown
 

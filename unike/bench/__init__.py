@@ -61,6 +61,10 @@ def main(args) -> dict:
     mid = _list(args.mid.replace("x", ","), int)
     if len(mid) != 2:
         raise ValueError(f"--mid takes HIDDENxLAYERS, e.g. 1024x8, not {args.mid!r}")
+    if not args.no_plots:
+        from .plots import pyplot
+
+        pyplot()                     # matplotlib missing: say so before hours of runs, not after
     out = Path(args.out)
     old = load(out / RESULTS) if args.append else {}
     torch.manual_seed(args.seed)

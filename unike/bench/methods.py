@@ -12,6 +12,7 @@ Every method has `.model`, `.processor`, `edit(case)`, `reset()`, `disabled()` a
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -79,6 +80,12 @@ def baselines_module():
     return baselines
 
 
+def takes_seed(cls) -> bool:
+    """Whether a baseline's constructor takes `seed=` (the UniKE-configured ones pass it to UniKEConfig)."""
+    params = inspect.signature(cls).parameters.values()
+    return any(p.name == "seed" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def build(name: str, model, processor, seed: int = 0):
     """A fresh, unfitted method attached to `model` (seeded)."""
     check(name)
@@ -86,7 +93,8 @@ def build(name: str, model, processor, seed: int = 0):
     if name == "base":
         return Unedited(model, processor)
     if name in BASELINES:
-        return getattr(baselines_module(), BASELINES[name])(model, processor)
+        cls = getattr(baselines_module(), BASELINES[name])
+        return cls(model, processor, **({"seed": seed} if takes_seed(cls) else {}))
     config = config_of(name, seed)
     if name == "intrin+prompt-ike":
         return baselines_module().PromptIKE(model, processor, inner=UniKE(model, processor, config))

@@ -1,5 +1,6 @@
 """Plots of a `results.json` (matplotlib, imported lazily): a bar chart per metric (one-step runs), the
-metrics against K (sequential runs), and α against the best retrieval cosine (the relevance gate)."""
+metrics against K (sequential runs), α against the best retrieval cosine (the relevance gate), and the
+seconds of each edit along the latency sequence."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from ..metrics import METRICS
 from .report import HEAD, name_of
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as err:
@@ -21,7 +22,7 @@ def _pyplot():
 
 def bar_charts(runs: list[dict], folder: Path) -> list[Path]:
     """One chart per metric: one-step scores per method, a bar per (task, protocol, model, n, seed)."""
-    plt = _pyplot()
+    plt = pyplot()
     rs = [r for r in runs if r["mode"] == "one-step"]
     if not rs:
         return []
@@ -52,7 +53,7 @@ def bar_charts(runs: list[dict], folder: Path) -> list[Path]:
 
 def k_curves(runs: list[dict], folder: Path) -> list[Path]:
     """Per task: each metric against K, a panel per method with sequential runs at two or more K."""
-    plt = _pyplot()
+    plt = pyplot()
     out = []
     for task in dict.fromkeys(r["task"] for r in runs if r["mode"] == "sequential"):
         rs = [r for r in runs if r["mode"] == "sequential" and r["task"] == task]
@@ -82,7 +83,7 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
 
 def alpha_plot(records: list[dict], folder: Path) -> list[Path]:
     """α against the best retrieval cosine, relevant and unrelated probes, with each layer's gate."""
-    plt = _pyplot()
+    plt = pyplot()
     if not records:
         return []
     fig, axes = plt.subplots(1, len(records), figsize=(5 * len(records), 4), squeeze=False)
@@ -104,8 +105,27 @@ def alpha_plot(records: list[dict], folder: Path) -> list[Path]:
     return [path]
 
 
+def latency_plot(speed: dict, folder: Path) -> list[Path]:
+    """Seconds of each edit along the latency sequence (`--speed`)."""
+    lat = speed.get("latency")
+    if not lat or not lat.get("seconds"):
+        return []
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(range(1, len(lat["seconds"]) + 1), lat["seconds"], lw=0.8)
+    ax.set_xlabel("edit number in one sequence")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"edit latency, {lat['edit_steps']} steps per edit ({lat['model']})")
+    fig.tight_layout()
+    path = folder / "latency.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
 def plots(results: dict, folder) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     runs = results.get("runs", [])
-    return bar_charts(runs, folder) + k_curves(runs, folder) + alpha_plot(results.get("alpha", []), folder)
+    return (bar_charts(runs, folder) + k_curves(runs, folder) + alpha_plot(results.get("alpha", []), folder)
+            + latency_plot(results.get("speed", {}), folder))
