@@ -13,7 +13,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as err:
-        raise ImportError("plots need matplotlib: pip install 'unike[dev]' (or matplotlib), or pass --no-plots") from err
+        raise ImportError("plots need matplotlib: pip install matplotlib (or unike[dev]), or pass --no-plots") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -27,7 +27,8 @@ def bar_charts(runs: list[dict], folder: Path) -> list[Path]:
     if not rs:
         return []
     methods = list(dict.fromkeys(r["method"] for r in rs))
-    groups = list(dict.fromkeys((r["task"], r["protocol"], r["model"], r["n"], r["seed"]) for r in rs))
+    group = lambda r: (r["task"], r["protocol"], r["model"], r["n"], r["seed"])  # noqa: E731
+    groups = list(dict.fromkeys(group(r) for r in rs))
     width = 0.8 / len(groups)
     out = []
     for metric in METRICS:
@@ -35,7 +36,7 @@ def bar_charts(runs: list[dict], folder: Path) -> list[Path]:
         for j, g in enumerate(groups):
             vals = []
             for m in methods:
-                hit = [r for r in rs if r["method"] == m and (r["task"], r["protocol"], r["model"], r["n"], r["seed"]) == g]
+                hit = [r for r in rs if r["method"] == m and group(r) == g]
                 vals.append(hit[0]["scores"].get(metric, float("nan")) if hit else float("nan"))
             ax.bar([i + (j - (len(groups) - 1) / 2) * width for i in range(len(methods))], vals, width,
                    label=f"{g[0]} ({g[2]}, {g[1]}, n={g[3]}, seed {g[4]})")
@@ -57,7 +58,8 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
     out = []
     for task in dict.fromkeys(r["task"] for r in runs if r["mode"] == "sequential"):
         rs = [r for r in runs if r["mode"] == "sequential" and r["task"] == task]
-        methods = [m for m in dict.fromkeys(r["method"] for r in rs) if len({r["k"] for r in rs if r["method"] == m}) > 1]
+        methods = [m for m in dict.fromkeys(r["method"] for r in rs)
+                   if len({r["k"] for r in rs if r["method"] == m}) > 1]
         if not methods:
             continue
         fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
@@ -66,7 +68,8 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
             ks = [r["k"] for r in mine]
             for metric in METRICS:
                 style = "--" if metric in ("ci_loc", "ri_loc") else "-"
-                ax.plot(ks, [r["scores"].get(metric, float("nan")) for r in mine], style, marker="o", label=HEAD[metric])
+                ax.plot(ks, [r["scores"].get(metric, float("nan")) for r in mine], style, marker="o",
+                        label=HEAD[metric])
             ax.set_xscale("log")
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.set_xlabel("K (edits before scoring)")

@@ -180,7 +180,8 @@ def speed(sp: dict) -> str:
                      f"≤ {targets.get('latency_ratio', '–')} |")
         size = lat.get("per_edit") or {}
         if size:
-            lines.append(f"| parameters added per edit (neurons K, b, V, ζ′) | {lat['model']} | {size['params']:,} | – |")
+            lines.append(f"| parameters added per edit (neurons K, b, V, ζ′) | {lat['model']} | "
+                         f"{size['params']:,} | – |")
             lines.append(f"| memory floats added per edit | {lat['model']} | {size['memory_floats']:,} | – |")
             lines.append(f"| bytes added per edit (all state, incl. {size['bookkeeping_floats']:,} bookkeeping "
                          f"floats) | {lat['model']} | {size['bytes']:,} | – |")
