@@ -48,11 +48,15 @@ def alpha_points(editor, cases, progress: bool = True) -> dict:
     return {"gate": {str(l): float(editor.memory[l].min_similarity) for l in editor.layer_ids}, "points": points}
 
 
-def summary(record: dict) -> dict[str, dict[str, float]]:
-    """Mean α and share of tokens with α > 0, for relevant and unrelated probes (all layers)."""
+def summary(record: dict) -> dict[tuple[int, str], dict[str, float]]:
+    """Per (layer, "relevant" | "unrelated"): mean α, share of tokens with α > 0 (the gate open), mean
+    best cosine, and the count."""
     out = {}
-    for name, want in (("relevant", True), ("unrelated", False)):
-        a = [p["alpha"] for p in record["points"] if p["relevant"] == want]
-        if a:
-            out[name] = {"mean_alpha": sum(a) / len(a), "open": sum(v > 0 for v in a) / len(a), "count": len(a)}
+    for layer in sorted({p["layer"] for p in record["points"]}):
+        for name, want in (("relevant", True), ("unrelated", False)):
+            pts = [p for p in record["points"] if p["layer"] == layer and p["relevant"] == want]
+            if pts:
+                a = [p["alpha"] for p in pts]
+                out[(layer, name)] = {"mean_alpha": sum(a) / len(a), "open": sum(v > 0 for v in a) / len(a),
+                                      "cosine": sum(p["cosine"] for p in pts) / len(pts), "count": len(a)}
     return out

@@ -85,22 +85,28 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
 
 
 def alpha_plot(records: list[dict], folder: Path) -> list[Path]:
-    """α against the best retrieval cosine, relevant and unrelated probes, with each layer's gate."""
+    """α against the best retrieval cosine, relevant and unrelated probes, a panel per (task, layer),
+    with the layer's relevance gate."""
     plt = pyplot()
     if not records:
         return []
-    fig, axes = plt.subplots(1, len(records), figsize=(5 * len(records), 4), squeeze=False)
-    for ax, rec in zip(axes[0], records):
-        for relevant, colour, label in ((True, "tab:blue", "about the edit (rel, t_gen, m_gen)"),
-                                        (False, "tab:red", "unrelated (t_loc, m_loc, ci_loc, ri_loc)")):
-            pts = [p for p in rec["points"] if p["relevant"] == relevant]
-            ax.scatter([p["cosine"] for p in pts], [p["alpha"] for p in pts], s=10, alpha=0.5, c=colour, label=label)
-        for gate in sorted(set(rec["gate"].values())):
-            ax.axvline(gate, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("best retrieval cosine (gate: dotted, one per layer)")
-        ax.set_ylabel("α at the question-final token")
-        ax.set_title(f"α against relevance, {rec['task']} ({rec['model']})")
-        ax.legend(fontsize=7)
+    layers = sorted({p["layer"] for rec in records for p in rec["points"]})
+    fig, axes = plt.subplots(len(records), len(layers), figsize=(3.6 * len(layers), 3.2 * len(records)),
+                             squeeze=False, sharey=True)
+    for row, rec in zip(axes, records):
+        for ax, layer in zip(row, layers):
+            for relevant, colour, label in ((True, "tab:blue", "about the edit (rel, t_gen, m_gen)"),
+                                            (False, "tab:red", "unrelated (t_loc, m_loc, ci_loc, ri_loc)")):
+                pts = [p for p in rec["points"] if p["relevant"] == relevant and p["layer"] == layer]
+                ax.scatter([p["cosine"] for p in pts], [p["alpha"] for p in pts], s=9, alpha=0.5, c=colour,
+                           label=label)
+            if str(layer) in rec["gate"]:
+                ax.axvline(rec["gate"][str(layer)], color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{rec['task']}, layer {layer}", fontsize=9)
+            ax.set_xlabel("best retrieval cosine", fontsize=8)
+        row[0].set_ylabel("α at the question-final token", fontsize=8)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    fig.suptitle(f"α against relevance after one edit ({records[0]['model']}); dotted: the relevance gate", fontsize=9)
     fig.tight_layout()
     path = folder / "alpha_relevance.png"
     fig.savefig(path, dpi=90)

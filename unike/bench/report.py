@@ -155,11 +155,13 @@ def alpha(records: list[dict]) -> str:
              "α at the question-final token of each probe prompt, every edited layer, after the probe's own edit. "
              "Relevant = rel, t_gen, m_gen probes; unrelated = t_loc, m_loc, ci_loc, ri_loc. "
              "Open = share of tokens with α > 0 (the relevance gate lets them through).", "",
-             "| task | source | probes | mean α | open | count |", "|---|---|---|---|---|---|"]
+             "| task | source | layer | probes | mean best cosine | gate | mean α | open | count |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
-        for kind, s in summary(rec).items():
-            lines.append(f"| {rec['task']} | {rec['model']} · seed {rec['seed']} | {kind} | {s['mean_alpha']:.3f} | "
-                         f"{100 * s['open']:.1f}% | {s['count']} |")
+        for (layer, kind), s in summary(rec).items():
+            lines.append(f"| {rec['task']} | {rec['model']} · seed {rec['seed']} | {layer} | {kind} | "
+                         f"{s['cosine']:.3f} | {rec['gate'][str(layer)]:.3f} | {s['mean_alpha']:.3f} | "
+                         f"{100 * s['open']:.0f}% | {s['count']} |")
     return "\n".join(lines)
 
 
