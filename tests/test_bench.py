@@ -14,8 +14,8 @@ from unike.metrics import METRICS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_results.json"
 SMALL = ["--triplets", "64", "--seed", "3", "--quiet"]
-SPEED = ["--speed", "--speed-edits", "4", "--speed-fill-edits", "3", "--speed-memory", "200", "--speed-repeats", "2",
-         "--speed-batch", "2", "--mid", "64x4"]
+SPEED = ["--speed", "--speed-edits", "4", "--speed-edits-at", "8", "--speed-fill-edits", "3", "--speed-memory", "200",
+         "--speed-repeats", "2", "--speed-batch", "2", "--mid", "64x4"]
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,14 @@ def test_results_schema_and_files(e2e):
     assert sp["overhead"]["mid"]["hidden"] == 64 and sp["overhead"]["mid"]["layers"] == 4
     assert sp["latency_ratio_4_vs_1"] > 0 and len(sp["latency"]["seconds"]) == 4
     assert sp["latency"]["edit_steps"] == 5 and not sp["latency"]["early_stop"]
+    assert sp["latency_ratio_8_vs_1_filled"] > 0 and len(sp["latency"]["filled"]["seconds"]) == 2
     cfg = unike.UniKEConfig()   # 4 layers x n_neurons x (K column + bias + V row) + one zeta row each, exactly
     assert sp["params_per_edit"] == 4 * (cfg.n_neurons * (2 * 128 + 1) + 128)
     assert sp["bytes_per_edit"] >= 4 * sp["params_per_edit"]
     assert set(sp["seconds_per_edit"]) == {"base", "unike"}
     assert {p["relevant"] for p in res["alpha"][0]["points"]} == {True, False}
     table = (out / "results.md").read_text()
-    for title in ("Table 1 — one-step editing", "Table 2 — sequential editing", "α against relevance", "### Speed"):
+    for title in ("Table 1 — one-step", "Table 2 — sequential", "α against relevance", "### Speed"):
         assert title in table
     for name in ("bar_rel.png", "bar_ri_loc.png", "sequential_vqa.png", "alpha_relevance.png", "latency.png"):
         assert (out / "plots" / name).stat().st_size > 1000

@@ -79,6 +79,7 @@ def main(args) -> dict:
 
         new["speed"] = speed(setup, triplets, new["runs"], seed=args.seed, mid=tuple(mid), edits=args.speed_fill_edits,
                              memory=args.speed_memory, latency_edits=args.speed_edits, latency_steps=args.speed_steps,
+                             latency_at=args.speed_edits_at,
                              repeats=args.speed_repeats, batch=args.speed_batch, progress=progress)
     new["meta"] = meta(setup, args)
     results = merge(old, new)
@@ -113,6 +114,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--speed", action="store_true", help="also measure overhead, latency and size per edit")
     p.add_argument("--speed-edits", type=int, default=1000, help="length of the latency sequence")
+    p.add_argument("--speed-edits-at", type=int, default=None, help="also time edit number N after the "
+                   "sequence, the state of the edits in between filled with random tensors of the real shapes")
     p.add_argument("--speed-steps", type=int, default=5, help="training steps of every latency edit")
     p.add_argument("--speed-fill-edits", type=int, default=100, help="edits' worth of neurons for the overhead")
     p.add_argument("--speed-memory", type=int, default=15000, help="memory entries per layer for the overhead")

@@ -180,6 +180,11 @@ def speed(sp: dict) -> str:
         lines.append(f"| latency_ratio_{lat['edits']}_vs_1 (median of last {lat['window']} ÷ first {lat['window']} "
                      f"edits, {lat['edit_steps']} steps each) | {lat['model']} | {lat['ratio']:.2f} | "
                      f"≤ {targets.get('latency_ratio', '–')} |")
+        filled = lat.get("filled")
+        if filled:
+            lines.append(f"| latency_ratio_{filled['at']}_vs_1_filled (edits {filled['at'] - lat['window'] + 1}–"
+                         f"{filled['at']} ÷ first {lat['window']}; {filled['how']}) | {lat['model']} | "
+                         f"{filled['ratio']:.2f} | ≤ {targets.get('latency_ratio', '–')} |")
         size = lat.get("per_edit") or {}
         if size:
             lines.append(f"| parameters added per edit (neurons K, b, V, ζ′) | {lat['model']} | "

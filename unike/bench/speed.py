@@ -134,37 +134,74 @@ def added_per_edit(before: dict, after: dict) -> dict:
             "bytes": sum(nbytes.values()), "bytes_by_part": nbytes}
 
 
-def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, seed: int = 0, progress: bool = True) -> dict:
-    """Seconds of each edit in one sequence of `edits` edits (fixed `steps` each), the last-10 / first-10
-    median ratio, and the size of the first edit."""
+def timed_edits(editor: UniKE, cases, desc: str, progress: bool = True, on_first=None) -> list[float]:
+    """Seconds of each edit of `cases`, in order (`on_first(before)` after the first, with the state sizes
+    from before it)."""
+    seconds = []
+    for i, case in enumerate(tqdm(cases, desc=desc, disable=not progress)):
+        before = state_sizes(editor) if i == 0 and on_first else None
+        sync()
+        t0 = time.perf_counter()
+        editor.edit(case)
+        sync()
+        seconds.append(time.perf_counter() - t0)
+        if before is not None:
+            on_first(before)
+    return seconds
+
+
+@torch.no_grad()
+def fill_negatives(editor: UniKE, rows_per_edit: float, edits: int, seed: int = 0) -> None:
+    """Random stand-ins for the FFN inputs that `edits` earlier edits keep as negatives."""
+    gen = torch.Generator().manual_seed(seed)
+    for l in editor.layer_ids:
+        kept = editor.edited[l]
+        extra = torch.randn(round(rows_per_edit * edits), kept.shape[1], generator=gen) * kept.std()
+        editor.edited[l] = torch.cat([kept, extra.to(kept)])
+
+
+def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, at: int | None = None, seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Seconds of each edit in one sequence of `edits` real edits (fixed `steps` each), the last-10 /
+    first-10 median ratio, and the size of the first edit. With `at` > `edits`, the sequence then jumps
+    to edit number `at`: the state of the edits in between is filled with random tensors of the real
+    shapes (neurons, memory entries, kept negatives at the measured rate) and 10 more real edits are
+    timed ("filled": what edit number `at` costs, without running every edit before it)."""
     cfg = UniKEConfig(seed=seed, edit_steps=steps, stop_prob=2.0)   # a probability never exceeds 2: no early stop
     task = "vqa" if setup.world is not None or "vqa" in setup.data else sorted(setup.data)[0]
     pool = setup.task_cases(task, edits if setup.world is not None else min(edits, len(setup.data[task])), seed)
     editor = UniKE(setup.model, setup.processor, cfg)
     try:
         editor.fit(triplets, progress=progress)
-        seconds, size = [], None
-        for i in tqdm(range(edits), desc=f"{edits} sequential edits", disable=not progress):
-            before = state_sizes(editor) if i == 0 else None
-            sync()
-            t0 = time.perf_counter()
-            editor.edit(pool[i % len(pool)])
-            sync()
-            seconds.append(time.perf_counter() - t0)
-            if before is not None:
-                size = added_per_edit(before, state_sizes(editor))
+        size = {}
+        first_size = lambda before: size.update(added_per_edit(before, state_sizes(editor)))  # noqa: E731
+        seconds = timed_edits(editor, [pool[i % len(pool)] for i in range(edits)], f"{edits} sequential edits",
+                              progress, on_first=first_size)
         m = min(10, max(1, edits // 2))
         first, last = statistics.median(seconds[:m]), statistics.median(seconds[-m:])
-        return {"ratio": last / first, "edits": edits, "edit_steps": steps, "early_stop": False,
-                "window": m, "first_median_s": first, "last_median_s": last,
-                "seconds": [round(s, 4) for s in seconds], "per_edit": size, "model": setup.label}
+        out = {"ratio": last / first, "edits": edits, "edit_steps": steps, "early_stop": False,
+               "window": m, "first_median_s": first, "last_median_s": last,
+               "seconds": [round(s, 4) for s in seconds], "per_edit": size or None, "model": setup.label}
+        if at and at > edits + m:
+            skipped = at - edits - m
+            rows = len(editor.edited[editor.layer_ids[0]]) / edits
+            fill(editor, edits=skipped, memory=skipped, seed=seed)
+            fill_negatives(editor, rows, skipped, seed=seed)
+            tail = timed_edits(editor, [pool[(edits + i) % len(pool)] for i in range(m)],
+                               f"edits {at - m + 1}..{at} (after filling)", progress)
+            out["filled"] = {"at": at, "ratio": statistics.median(tail) / first, "median_s": statistics.median(tail),
+                             "seconds": [round(s, 4) for s in tail],
+                             "how": f"{edits} real edits, then the neurons, memory entries and kept negatives of "
+                                    f"{skipped} more edits filled with random tensors of the real shapes, then "
+                                    f"{m} real edits timed"}
+        return out
     finally:
         editor.detach()
 
 
 def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple[int, int] = (1024, 8),
           edits: int = 100, memory: int = 15000, latency_edits: int = 1000, latency_steps: int = 5,
-          repeats: int = 20, batch: int = 4, progress: bool = True) -> dict:
+          latency_at: int | None = None, repeats: int = 20, batch: int = 4, progress: bool = True) -> dict:
     """Every speed figure of one invocation (see the module docstring)."""
     cases = setup.task_cases("vqa", batch, seed)
     models = {setup.label: (setup.model, setup.processor)}
@@ -175,7 +212,8 @@ def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple
         detail[label] = overheads(model, processor, probe_batch(model, processor, cases, batch), edits=edits,
                                   memory=memory, repeats=repeats, seed=seed)
     models.pop("mid", None)
-    latency = edit_latency(setup, triplets, edits=latency_edits, steps=latency_steps, seed=seed, progress=progress)
+    latency = edit_latency(setup, triplets, edits=latency_edits, steps=latency_steps, at=latency_at, seed=seed,
+                           progress=progress)
     full = f"{edits}_edits_{memory}_memory"
     out = {
         "overhead_0_edits": {k: v["settings"]["0_edits"]["ratio"] for k, v in detail.items()},
@@ -185,6 +223,8 @@ def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple
                           f"neurons per edited layer, {memory} memory entries per edited layer"),
         f"latency_ratio_{latency_edits}_vs_1": latency["ratio"],
         "latency": latency,
+        **({f"latency_ratio_{latency['filled']['at']}_vs_1_filled": latency["filled"]["ratio"]}
+           if "filled" in latency else {}),
         "params_per_edit": latency["per_edit"]["params"] if latency["per_edit"] else None,
         "bytes_per_edit": latency["per_edit"]["bytes"] if latency["per_edit"] else None,
         "seconds_per_edit": seconds_per_edit(runs),
