@@ -30,6 +30,8 @@ RUNS = {  # group -> bench invocations (arguments after `unike bench`), sized fo
         ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "10,20", "--n", "40"],
         ["--methods", "alpha", "--task", "vqa", "--n", "20"],
         ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "50,100", "--n", "100"],
+        ["--methods", "unike", "--task", "vqa", "--n", "20"],          # UniKE on the ablations' 20 cases
+        ["--methods", "base,unike", "--task", "caption", "--protocol", "exact", "--n", "20"],
     ],
     "B": [
         ["--methods", "ftlast,tpatcher,promptike,latentike", "--task", "vqa,caption", "--n", "50"],
@@ -88,6 +90,7 @@ def main(argv=None) -> None:
               f"which these invocations wrote (CPU, one thread, `OMP_NUM_THREADS=1`):\n\n```bash\n{commands}\n```\n\n"
               f"Plots: " + ", ".join(f"[{p}](results/plots/{p})" for p in plots) + "\n\n" + NOTES)
     DOC.write_text(header + "\n\n" + rest)
+    (OUT / "results.md").unlink(missing_ok=True)      # the bench's own copy; docs/results.md is the one to read
     text = README.read_text()
     if BEGIN in text and END in text:
         pre, post = text.split(BEGIN)[0], text.split(END)[1]
