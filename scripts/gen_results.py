@@ -33,14 +33,12 @@ RUNS = {  # group -> bench invocations (arguments after `unike bench`), sized fo
         ["--methods", "unike", "--task", "vqa", "--n", "20"],          # UniKE on the ablations' 20 cases
         ["--methods", "base,unike", "--task", "caption", "--protocol", "exact", "--n", "20"],
     ],
-    "B": [
-        ["--methods", "ftlast,tpatcher,promptike,latentike", "--task", "vqa,caption", "--n", "50"],
+    "B": [  # after the baselines landed; the first also measures every speed figure in one run
+        ["--methods", "main", "--task", "vqa,caption", "--n", "50", "--speed", "--speed-edits", "200",
+         "--speed-edits-at", "1000"],
         ["--methods", "intrin+prompt-ike", "--task", "vqa", "--n", "20"],
         ["--methods", "ftlast,tpatcher", "--task", "vqa", "--mode", "sequential", "--k", "10,20", "--n", "40"],
         ["--methods", "ftlast,tpatcher", "--task", "cross", "--mode", "sequential", "--k", "10", "--n", "40"],
-    ],
-    "S": [  # speed: seconds per edit of every method, forward overhead, latency, size of an edit
-        ["--methods", "main", "--task", "vqa", "--n", "10", "--alpha-cases", "0", "--speed", "--speed-edits", "200"],
     ],
 }
 
