@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..metrics import METRICS
+from .methods import GROUPS
 from .report import HEAD, name_of
 
 
@@ -20,31 +21,34 @@ def pyplot():
     return plt
 
 
+def order(method: str) -> tuple:
+    """The registry's order: main methods, ablations, ζ, then fixed α by value."""
+    known = GROUPS["all"]
+    return (known.index(method), "") if method in known else (len(known), method)
+
+
 def bar_charts(runs: list[dict], folder: Path) -> list[Path]:
-    """One chart per metric: one-step scores per method, a bar per (task, protocol, model, n, seed)."""
+    """One chart per metric: one-step scores per method, a panel per (task, protocol, model, n, seed)."""
     plt = pyplot()
     rs = [r for r in runs if r["mode"] == "one-step"]
     if not rs:
         return []
-    methods = list(dict.fromkeys(r["method"] for r in rs))
     group = lambda r: (r["task"], r["protocol"], r["model"], r["n"], r["seed"])  # noqa: E731
     groups = list(dict.fromkeys(group(r) for r in rs))
-    width = 0.8 / len(groups)
+    widest = max(sum(group(r) == g for r in rs) for g in groups)
     out = []
     for metric in METRICS:
-        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(methods) * max(1, len(groups)) + 2), 4))
-        for j, g in enumerate(groups):
-            vals = []
-            for m in methods:
-                hit = [r for r in rs if r["method"] == m and group(r) == g]
-                vals.append(hit[0]["scores"].get(metric, float("nan")) if hit else float("nan"))
-            ax.bar([i + (j - (len(groups) - 1) / 2) * width for i in range(len(methods))], vals, width,
-                   label=f"{g[0]} ({g[2]}, {g[1]}, n={g[3]}, seed {g[4]})")
-        ax.set_xticks(range(len(methods)), [name_of(m).replace("*", "") for m in methods], rotation=30, ha="right")
-        ax.set_ylabel(f"{HEAD[metric]} (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title(f"{HEAD[metric]}, one-step editing")
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(len(groups), 1, figsize=(max(5, 0.5 * widest + 2), 2.8 * len(groups)), squeeze=False)
+        for ax, g in zip(axes[:, 0], groups):
+            mine = sorted((r for r in rs if group(r) == g), key=lambda r: order(r["method"]))
+            ax.bar(range(len(mine)), [r["scores"].get(metric, float("nan")) for r in mine],
+                   color=["tab:red" if r["method"] == "unike" else "tab:blue" for r in mine])
+            ax.set_xticks(range(len(mine)), [name_of(r["method"]).replace("*", "") for r in mine], rotation=30,
+                          ha="right", fontsize=7)
+            ax.set_ylim(0, 105)
+            ax.set_ylabel(f"{HEAD[metric]} (%)", fontsize=8)
+            ax.set_title(f"{g[0]} ({g[2]}, {g[1]}, n={g[3]}, seed {g[4]})", fontsize=8)
+        fig.suptitle(f"{HEAD[metric]}, one-step editing", fontsize=9)
         fig.tight_layout()
         out.append(folder / f"bar_{metric}.png")
         fig.savefig(out[-1], dpi=90)
