@@ -93,7 +93,7 @@ def main(argv=None) -> None:
               "[results/results.json](results/results.json), "
               f"which these invocations wrote (CPU, one thread, `OMP_NUM_THREADS=1`):\n\n```bash\n{commands}\n```\n\n"
               f"Plots: " + ", ".join(f"[{p}](results/plots/{p})" for p in plots) + "\n\n" + NOTES)
-    DOC.write_text(header + "\n\n" + rest)
+    DOC.write_text(header + "\n\n## Tables\n\n" + rest)
     (OUT / "results.md").unlink(missing_ok=True)      # the bench's own copy; docs/results.md is the one to read
     text = README.read_text()
     if BEGIN in text and END in text:

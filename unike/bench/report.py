@@ -204,7 +204,7 @@ def speed(sp: dict) -> str:
 
 def markdown(results: dict, title: str = "unike bench results") -> str:
     runs = results.get("runs", [])
-    sections = [one_step(runs), ablation(runs), sequential(runs), cross(runs), fig4(runs),
+    sections = [one_step(runs), sequential(runs), cross(runs), ablation(runs), fig4(runs),
                 alpha(results.get("alpha", [])), speed(results.get("speed", {}))]
     intro = (f"# {title}\n\nScores in % (protocol in each row's source); higher is better. Paper rows: "
              f"{paper.MODEL} on MMEdit, as reported (no CI-Loc / RI-Loc there). Mean of 5 = mean of Rel, T-Gen, "
