@@ -247,8 +247,8 @@ class SynthWorld:
     def _seed(self, rng: random.Random) -> int:
         return rng.randrange(EVAL_SEED, 2**31)
 
-    def _probe(self, rng: random.Random, e: Entity, exclude: str | None = None) -> tuple[str, str]:
-        fact = rng.choice([f for f in FACTS if f != exclude])
+    def _probe(self, rng: random.Random, e: Entity, exclude: tuple[str, ...] = ()) -> tuple[str, str]:
+        fact = rng.choice([f for f in FACTS if f not in exclude])
         return rng.choice(QUESTIONS[fact]), e.get(fact)
 
     def _text_probe(self, rng: random.Random, avoid: Entity) -> tuple[str, str]:
@@ -289,7 +289,8 @@ class SynthWorld:
             loc_prompt, loc_answer = self._text_probe(rng, e)
             mloc = self._other(rng, e)
             mloc_prompt, mloc_answer = self._probe(rng, mloc)
-            ci_prompt, ci_answer = self._probe(rng, e, exclude=key)
+            # same image, a fact the edit leaves alone (a caption edit renames the entity and changes its kind)
+            ci_prompt, ci_answer = self._probe(rng, e, exclude=(key,) if task == "vqa" else ("name", "kind"))
             seeds = [self._seed(rng) for _ in range(4)]
             cases.append(EditCase(
                 image=self.render(e, seeds[0]), prompt=prompt, target=target, ground_truth=truth,
