@@ -9,8 +9,9 @@ from .hooks import Hooks
 from .locate import LocateError, TextStack, locate
 from .metrics import evaluate
 from .tiny import load_tiny
+from . import baselines
 
 __version__ = "0.1.0"
 
 __all__ = ["EditCase", "Triplet", "UniKE", "UniKEConfig", "Hooks", "LocateError", "TextStack", "locate",
-           "evaluate", "SynthWorld", "load_tiny", "answer", "load_mmedit"]
+           "evaluate", "SynthWorld", "load_tiny", "answer", "load_mmedit", "baselines"]

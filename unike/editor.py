@@ -351,7 +351,8 @@ class UniKE:
             raise ValueError("fit_inputs() needs as many wrong-answer rows as right-answer rows")
         dev = self.device
         spaces = [self.spaces[l].cpu() for l in self.layer_ids]
-        self.losses = train_spaces(spaces, stacked, steps=cfg.encoder_steps, batch_size=cfg.encoder_batch,
+        steps = cfg.encoder_steps if cfg.latent or (cfg.collaboration and cfg.zeta != "none") else 0  # α, ζ use them
+        self.losses = train_spaces(spaces, stacked, steps=steps, batch_size=cfg.encoder_batch,
                                    lr=cfg.encoder_lr, tau=cfg.encoder_tau, seed=cfg.seed, progress=progress)
         gen = torch.Generator().manual_seed(cfg.seed)
         for l, st in zip(self.layer_ids, stacked):

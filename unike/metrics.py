@@ -7,13 +7,15 @@ Protocols (docs/metrics.md gives the formulas and who uses each):
   probes whose greedy answer is unchanged.
 
 A *method* is any object with ``model``, ``processor``, ``edit(case)``, ``reset()`` and a
-``disabled()`` context manager that gives the unedited model; a bare model is the "base" row.
+``disabled()`` context manager that gives the unedited model; a bare model is the "base" row. A method
+with ``rewrite(prompt) -> str`` (in-context editing) has every probe's prompt rewritten when the edited
+model is scored, never for the unedited predictions.
 """
 from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -151,6 +153,7 @@ def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, 
         raise ValueError("evaluate() got no cases")
     step = 1 if mode == "one-step" else max(1, int(k))
     model, proc = method.model, method.processor
+    rewrite = getattr(method, "rewrite", None)
     per_case = [probes(c) for c in cases]
     loc_items = [p for ps in per_case for p in ps if p.metric in LOC_METRICS]
     with method.disabled():
@@ -163,6 +166,8 @@ def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, 
         for case in cases[start:start + step]:
             method.edit(case)
         items = [p for ps in per_case[start:start + step] for p in ps]
+        if rewrite is not None:
+            items = [replace(p, prompt=rewrite(p.prompt)) for p in items]
         refs = [b for bs in base[start:start + step] for b in bs]
         for p, s in zip(items, _score(protocol, model, proc, items, refs, batch_size)):
             totals.setdefault(p.metric, []).append(s)
