@@ -315,3 +315,30 @@ def test_no_pickle_anywhere():
                  ("torch.load", "import pickle", "from pickle", "cloudpickle", "weights_only", "dill")
                  if word in p.read_text()]
     assert not offenders, offenders
+
+
+def test_evaluate_with_a_missing_probe_image_changes_nothing(tiny):
+    model, _, world, editor, case, probe = tiny
+    cases = world.edit_cases("vqa", n=2, seed=8)
+    cases[1].rephrase_image = "no/such/rendering.png"
+    before = snapshot(model, probe, editor)
+    with pytest.raises(FileNotFoundError, match="1 probe image\\(s\\) do not exist, e.g. \\['no/such/rendering.png'\\]"):
+        unike.evaluate(editor, cases, progress=False)
+    assert_same(before, snapshot(model, probe, editor))
+
+
+BAD_MMEDIT = [
+    ("empty-image", dict(image=""), "record 0: its image is empty, and an E-VQA / E-IC edit is about an image"),
+    ("parent-path", dict(image="../outside.png"), "record 0: image = '../outside.png' must be a path relative"),
+    ("absolute-path", dict(image_rephrase="/etc/hostname"), "record 0: image_rephrase = '/etc/hostname' must be"),
+]
+
+
+@pytest.mark.parametrize("change, words", [b[1:] for b in BAD_MMEDIT], ids=[b[0] for b in BAD_MMEDIT])
+def test_bad_mmedit_record(tmp_path, change, words):
+    path = unike.SynthWorld(seed=0).export_mmedit(tmp_path, task="vqa", n=2, seed=0)
+    records = json.loads(path.read_text())
+    records[0].update(change)
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=words):
+        unike.load_mmedit(path, tmp_path)

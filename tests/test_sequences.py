@@ -95,6 +95,20 @@ def test_fault_inside_fit_leaves_the_editor_as_it_was(tiny, editor, monkeypatch)
     assert_same(before, snapshot(model, probe, editor))
 
 
+def test_evaluate_stopped_by_a_fault_leaves_no_edit(tiny, editor, monkeypatch):
+    model, _, _, cases, probe = tiny
+
+    def score_fails(*args):             # sequential mode: the fault comes after three edits
+        raise Fault("while scoring")
+    monkeypatch.setattr(unike.metrics, "_score", score_fails)
+    with pytest.raises(Fault):
+        unike.evaluate(editor, cases[1:4], mode="sequential", k=3, progress=False)
+    stopped = snapshot(model, probe, editor)
+    assert editor.n_edits == 0
+    editor.reset()
+    assert_same(stopped, snapshot(model, probe, editor))
+
+
 def test_fault_inside_save_keeps_the_earlier_save(tiny, editor, tmp_path, monkeypatch):
     model, processor, _, cases, probe = tiny
     folder = editor.save(tmp_path / "state")
