@@ -272,7 +272,8 @@ class UniKE:
         neurons = {l: {k: getattr(p, k) for k in NEURON_BUFFERS} for l, p in self.neurons.items()}
         pools = {k: dict(getattr(self, k)) for k in ("negatives", "answer_negatives", "edited")}
         counters = {k: getattr(self, k) for k in ("fitted", "n_edits", "_fit_questions")}
-        weights = {l: {k: v.clone() for k, v in sp.state_dict().items()} for l, sp in self.spaces.items()} if spaces else {}
+        weights = {l: {k: v.clone() for k, v in sp.state_dict().items()}
+                   for l, sp in self.spaces.items()} if spaces else {}
         try:
             yield
         except BaseException:
@@ -507,8 +508,8 @@ class UniKE:
             return torch.zeros(0)
         with torch.no_grad():
             if kind == "semantic":
-                s = sp.standardize
-                return (sp.sem(s(st["h_pos"])).mean(0) - sp.sem(s(st["h_neg"])).mean(0)).cpu()
+                s, dev = sp.standardize, sp.zeta.device     # the states were collected on the CPU
+                return (sp.sem(s(st["h_pos"].to(dev))).mean(0) - sp.sem(s(st["h_neg"].to(dev))).mean(0)).cpu()
             if kind == "random":
                 return torch.randn(sp.zeta.shape, generator=gen) * sp.zeta.norm() / sp.zeta.numel() ** 0.5
             return sp.zeta.detach().cpu().clone()
