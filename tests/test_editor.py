@@ -98,14 +98,32 @@ def test_disabled_gives_the_base_model(arch):
 
 
 def test_other_hooks_survive(arch):
+    """A plain torch hook registered before attaching, one registered while attached, and an nnsight
+    wrapper built before attaching all keep working through attach and detach."""
+    from nnsight import NNsight
+
+    before = _logits(arch.model, arch.inputs)
+    mlp = arch.model.model.language_model.layers[-1].mlp
     calls = []
-    handle = arch.model.model.language_model.layers[-1].mlp.register_forward_hook(lambda m, a, o: calls.append(1))
+    early = mlp.register_forward_hook(lambda m, a, o: calls.append("early"))
+    traced = NNsight(arch.model)
+    with traced.trace(**arch.inputs):
+        plain = traced.model.language_model.layers[-1].mlp.output.save()
     editor = _edited(arch)
+    late = mlp.register_forward_pre_hook(lambda m, a: calls.append("late"))
+    with traced.trace(**arch.inputs):
+        during = traced.model.language_model.layers[-1].mlp.output.save()
+        edited = traced.output.logits.save()
+    assert torch.equal(edited, _logits(arch.model, arch.inputs)) and not torch.equal(edited, before)
     editor.detach()
     calls.clear()
-    _logits(arch.model, arch.inputs)
-    assert calls == [1]
-    handle.remove()
+    with traced.trace(**arch.inputs):
+        after = traced.model.language_model.layers[-1].mlp.output.save()
+        logits = traced.output.logits.save()
+    assert calls == ["late", "early"]
+    assert torch.equal(logits, before) and torch.equal(after, plain) and during.shape == plain.shape
+    early.remove()
+    late.remove()
 
 
 def test_nnsight_reads_and_steers_alpha_and_neurons(arch):
