@@ -436,7 +436,7 @@ A heat-map of α over the prompt's text tokens (the image's tokens are summarise
 edited layer, for the edit, a rephrasing, and unrelated questions. The relevance gate keeps α at exactly
 0 wherever a token is no closer to stored knowledge than ordinary prompt tokens get, so the memory acts
 only where an input comes close to a stored entry, such as the edit written into it."""),
-    ("code", '''image_id = getattr(model.config, "image_token_id", None)
+    ("code", '''image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", -1)
 
 
 def alpha_map(image, prompt):
