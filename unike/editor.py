@@ -37,6 +37,7 @@ from .spaces import Spaces, train_spaces
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
 MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity")
 NEURON_BUFFERS = ("keys", "bias", "values", "zeta", "truth")
+SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
 
 
@@ -126,6 +127,26 @@ def _conforms(value, hint) -> bool:
     if origin in (list, tuple):
         return isinstance(value, (list, tuple)) and (not args or all(_conforms(v, args[0]) for v in value))
     return isinstance(value, origin or hint) if isinstance(origin or hint, type) else True
+
+
+@dataclass
+class FitStates:
+    """The base model's states of the fit triplets, per edited layer (`UniKE.collect`), all on the CPU.
+
+    `layers[l]` maps each key to a tensor: h_sem, h_pos, h_neg [n, d] (pre-attention states at the
+    question's last token and at the final token of question + right / wrong answer), v_pos [n, d]
+    (Attn(h_pos, h_pos, h_pos)), q [n, d] (the FFN input at the question's last token), q_ans [m, d]
+    (FFN inputs inside the answers) and other [o, d] (ordinary prompt tokens, for the relevance gate).
+    `questions`: the image questions (for image negatives).
+    """
+
+    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other")
+    layers: dict[int, dict[str, Tensor]]
+    questions: list[str] = field(default_factory=list)
+    trained: dict = field(default_factory=dict, repr=False)   # spaces trained on these states, per setting
+
+    def __len__(self) -> int:
+        return next(iter(self.layers.values()))["h_sem"].shape[0]
 
 
 @contextlib.contextmanager
@@ -412,6 +433,15 @@ class UniKE:
     # ----------------------------------------------------------------------------------------- fit
     def fit(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "UniKE":
         """Build the latent memory from (image, question, right, wrong) triplets and train the spaces."""
+        return self.fit_states(self.collect(triplets, batch_size=batch_size, progress=progress), progress=progress)
+
+    def fit_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
+                   progress: bool = True) -> "UniKE":
+        """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
+        return self.fit_states(self.collect_inputs(pairs, total=total, progress=progress), progress=progress)
+
+    def collect(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "FitStates":
+        """The base model's states of the triplets at the edited layers: the first half of `fit`."""
         self._check_attached()
         triplets = list(triplets)
         self._check_count(len(triplets))
@@ -420,7 +450,6 @@ class UniKE:
                              "call fit_inputs() with inputs dicts that carry labels")
         self._check_triplets(triplets)
         pad = pad_id_of(self.processor)
-        questions = sorted({t.question for t in triplets if t.image is not None})
 
         def pairs():
             for start in range(0, len(triplets), batch_size):
@@ -429,9 +458,9 @@ class UniKE:
                 yield tuple(collate([encode(self.processor, im, t.question, getattr(t, side))
                                      for im, t in zip(images, chunk)], pad, side="right")
                             for side in ("right", "wrong"))
-        self.fit_inputs(pairs(), total=-(-len(triplets) // batch_size), progress=progress)
-        self._fit_questions = questions
-        return self
+        states = self.collect_inputs(pairs(), total=-(-len(triplets) // batch_size), progress=progress)
+        states.questions = sorted({t.question for t in triplets if t.image is not None})
+        return states
 
     def _check_triplets(self, triplets: list) -> None:
         """Every triplet is a Triplet whose answers tokenize and whose image exists, before any work."""
@@ -453,13 +482,11 @@ class UniKE:
             raise ValueError(f"fit() got {n} triplets; it needs at least {self.config.min_triplets} "
                              "to train the contrastive spaces (the paper uses more than 15,000)")
 
-    @atomic(spaces=True)
-    def fit_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
-                   progress: bool = True) -> "UniKE":
-        """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
+    def collect_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
+                       progress: bool = True) -> "FitStates":
+        """`collect` from batches of (question + right answer, question + wrong answer) inputs with labels."""
         self._check_attached()
-        cfg = self.config
-        collected = {l: {"h_sem": [], "h_pos": [], "v_pos": [], "h_neg": [], "q": [], "q_ans": [], "other": []} for l in self.layer_ids}
+        collected = {l: {k: [] for k in FitStates.KEYS} for l in self.layer_ids}
         for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
             pos, neg = self._inputs(pos), self._inputs(neg)
             sem = last_prompt_index(pos["attention_mask"], pos["labels"])
@@ -477,15 +504,39 @@ class UniKE:
                 collected[l]["other"].append(st["x"][other][::7].cpu())
             for l, st in self._states(neg).items():
                 collected[l]["h_neg"].append(st["h_pos"].cpu())
-        stacked = [{k: torch.cat(v) for k, v in collected[l].items()} for l in self.layer_ids]
-        self._check_count(stacked[0]["h_sem"].shape[0])
-        if stacked[0]["h_neg"].shape[0] != stacked[0]["h_pos"].shape[0]:
+        states = FitStates({l: {k: torch.cat(v) if v else torch.zeros(0, self.stack.hidden_size)
+                                for k, v in collected[l].items()} for l in self.layer_ids})
+        self._check_count(len(states))
+        if states.layers[self.layer_ids[0]]["h_neg"].shape[0] != len(states):
             raise ValueError("fit_inputs() needs as many wrong-answer rows as right-answer rows")
+        return states
+
+    @atomic(spaces=True)
+    def fit_states(self, states: "FitStates", *, progress: bool = True) -> "UniKE":
+        """The second half of `fit`: the latent memory, the relevance gate and the negatives from collected
+        states, and the contrastive spaces trained on them (loss curve in `self.losses`). Spaces trained
+        on the same states with the same encoder settings are reused, so editors with other ablation
+        switches fit from one `collect` without running the model or training the encoders again."""
+        self._check_attached()
+        if sorted(states.layers) != self.layer_ids:
+            raise ValueError(f"the states were collected at layers {sorted(states.layers)}, but this editor edits "
+                             f"{self.layer_ids}; collect them again with this editor (or the same `layers`)")
+        self._check_count(len(states))
+        cfg = self.config
+        stacked = [states.layers[l] for l in self.layer_ids]
         dev = self.device
         spaces = [self.spaces[l].cpu() for l in self.layer_ids]
         steps = cfg.encoder_steps if cfg.latent or (cfg.collaboration and cfg.zeta != "none") else 0  # α, ζ use them
-        self.losses = train_spaces(spaces, stacked, steps=steps, batch_size=cfg.encoder_batch,
-                                   lr=cfg.encoder_lr, tau=cfg.encoder_tau, seed=cfg.seed, progress=progress)
+        setting = (steps,) + tuple(getattr(cfg, name) for name in SPACE_FIELDS)
+        if setting in states.trained:       # seeded: these states and settings train exactly these spaces
+            weights, self.losses = states.trained[setting]
+            for sp, w in zip(spaces, weights):
+                sp.load_state_dict(w)
+        else:
+            self.losses = train_spaces(spaces, stacked, steps=steps, batch_size=cfg.encoder_batch,
+                                       lr=cfg.encoder_lr, tau=cfg.encoder_tau, seed=cfg.seed, progress=progress)
+            states.trained[setting] = ([{k: v.clone() for k, v in sp.state_dict().items()} for sp in spaces],
+                                       self.losses)
         gen = torch.Generator().manual_seed(cfg.seed)
         for l, st in zip(self.layer_ids, stacked):
             self.spaces[l].to(dev)
@@ -499,6 +550,7 @@ class UniKE:
             inside = torch.randperm(st["q_ans"].shape[0], generator=gen)[:cfg.neg_memory_size]
             self.answer_negatives[l] = st["q_ans"][inside]
             self.neurons[l].truth = self._zeta(l, st, gen).to(dev)
+        self._fit_questions = list(states.questions)
         self.fitted = True
         self.reset()
         return self
