@@ -639,20 +639,19 @@ class UniKE:
                 probs = logits.softmax(-1)[tgt != IGNORE].gather(-1, tgt[tgt != IGNORE][:, None])
                 correct = bool((probs > cfg.stop_prob).all())
                 act = neg_loss = torch.zeros((), device=logits.device)
-                n_new = cfg.n_neurons
                 for l in self.layer_ids:
                     patch = self.neurons[l]
                     q = self._tokens(self._q[l], inputs)
-                    z = patch.preactivation(q[rows, cols][assign])[:, -n_new:]         # [n, n] own positions
+                    z = patch.pending_preactivation(q[rows, cols][assign])         # [n, n] own positions
                     act = act + F.relu(cfg.margin_pos - z.diagonal()).mean()
                     if len(positives[l]):
-                        zp = patch.preactivation(positives[l])[:, -n_new:][:, first]
+                        zp = patch.pending_preactivation(positives[l])[:, first]
                         act = act + F.relu(cfg.margin_pos - zp).mean()
                     if len(negatives[l]):      # mean over the violating negatives: hard ones are not diluted
-                        hinge = F.relu(patch.preactivation(negatives[l])[:, -n_new:] + cfg.margin_neg)
+                        hinge = F.relu(patch.pending_preactivation(negatives[l]) + cfg.margin_neg)
                         neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
                     if len(inside[l]) and not first.all():
-                        hinge = F.relu(patch.preactivation(inside[l])[:, -n_new:][:, ~first] + cfg.margin_neg)
+                        hinge = F.relu(patch.pending_preactivation(inside[l])[:, ~first] + cfg.margin_neg)
                         neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
                 loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
                 if correct and act.item() == 0 and neg_loss.item() == 0:
