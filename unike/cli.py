@@ -1,4 +1,4 @@
-"""Command line: `unike demo`, `unike train-tiny`, `unike layers`."""
+"""Command line: `unike demo`, `unike bench`, `unike layers`, `unike train-tiny`."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,13 @@ def layers(args) -> None:
           + (f", and pass layers_path={args.layers!r}" if args.layers else ""))
 
 
+def bench(args) -> None:
+    """Run editing methods on edit cases; write results.json, the Markdown tables and the plots."""
+    from .bench import main as bench_main
+
+    bench_main(args)
+
+
 def train_tiny(args) -> None:
     from .tiny.train import main as train_main
 
@@ -69,6 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--triplets", type=int, default=2000)
     p.set_defaults(func=demo)
+    p = sub.add_parser("bench", help="benchmark UniKE, its ablations and the baselines (tables, plots, speed)")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=bench)
     p = sub.add_parser("layers", help="print the located text-decoder layers of a model")
     p.add_argument("--model", default=None, help="a local model folder (default: the tiny model)")
     p.add_argument("--layers", default=None, help="dotted path override, e.g. model.language_model.layers")

@@ -1,0 +1,243 @@
+"""`unike bench --speed`: forward overhead, edit latency over a long sequence, and the size of an edit.
+
+* **Overhead**: forward time of a fixed teacher-forced batch through the model with UniKE attached,
+  divided by the plain model's (an identical deep copy): timed in one process, plain and edited
+  forwards alternating in adjacent pairs (order swapped every repeat) after a warm-up, under
+  `torch.inference_mode`; the median of the per-pair ratios. Measured
+  at 0 edits (hooks only), then with the buffers of `edits` edits, then with those and a `memory`-entry
+  latent memory per layer. The buffers are filled directly with random keys and values of the real
+  shapes (`edits` × n_neurons neurons per layer, `memory` entries per layer): a forward's cost depends
+  only on those sizes, not on what the edits learned.
+* **Latency**: one sequence of `edits` real edits with a fixed number of training steps (no early stop),
+  so every edit does the same work; the ratio is the median of the last 10 edits over the first 10.
+* **Size of an edit**: exact element and byte counts that one real edit adds to the editor's state.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.case import load_image
+from ..editor import UniKE, UniKEConfig
+from ..locate import locate
+from ..prompting import collate, encode, on_model, pad_id_of
+from .runs import Setup, sync
+
+TARGETS = {"overhead_0_edits": 1.02, "overhead_100_edits": 1.10, "latency_ratio": 1.2}  # issue #6, mid-size config
+
+
+def probe_batch(model, processor, cases, size: int) -> dict:
+    """A fixed batch: the first `size` cases' prompt + target, right padded, without labels."""
+    encs = [encode(processor, load_image(c.image), c.prompt, c.target) for c in cases[:size]]
+    batch = on_model(collate(encs, pad_id_of(processor), side="right"), model)
+    batch.pop("labels")
+    return batch
+
+
+def timed_forward(model, inputs) -> float:
+    sync()
+    t0 = time.perf_counter()
+    model(**inputs)
+    sync()
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def overhead(plain, edited, inputs, repeats: int = 20, warmup: int = 3) -> dict:
+    """Median forward seconds of `plain` and `edited`, timed in adjacent pairs (order swapped every
+    repeat), and the overhead: the median over pairs of edited ÷ plain (adjacent timings share the
+    machine's drift, so the paired ratio is steadier than a ratio of medians on a busy machine)."""
+    for _ in range(warmup):
+        timed_forward(plain, inputs), timed_forward(edited, inputs)
+    times = {"plain": [], "edited": []}
+    for i in range(repeats):
+        order = (("plain", plain), ("edited", edited)) if i % 2 == 0 else (("edited", edited), ("plain", plain))
+        for name, model in order:
+            times[name].append(timed_forward(model, inputs))
+    ratios = [e / p for e, p in zip(times["edited"], times["plain"])]
+    return {"plain_s": statistics.median(times["plain"]), "edited_s": statistics.median(times["edited"]),
+            "ratio": statistics.median(ratios), "repeats": repeats}
+
+
+@torch.no_grad()
+def fill(editor: UniKE, edits: int = 0, memory: int = 0, seed: int = 0) -> None:
+    """Add `edits` edits' worth of random neurons and `memory` random memory entries to every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    d, n = editor.stack.hidden_size, editor.config.n_neurons
+    for l in editor.layer_ids:
+        patch = editor.neurons[l]
+        dev = patch.keys.device
+        for _ in range(edits):
+            patch.begin(torch.randn(d, n, generator=gen).to(dev) / d ** 0.5, torch.randn(n, generator=gen).to(dev),
+                        use_zeta=False)
+            patch.pending["v"].copy_(torch.randn(n, d, generator=gen))
+            patch.commit()
+        if memory:
+            editor.memory[l].add(*(torch.randn(memory, d, generator=gen) for _ in range(3)))
+
+
+def mid_model(hidden: int = 1024, layers: int = 8, seed: int = 0):
+    """The tiny model's LLaVA config with a wider, deeper text decoder (random weights, offline); it
+    takes the tiny processor's inputs."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ..tiny import WEIGHTS
+
+    cfg = AutoConfig.from_pretrained(WEIGHTS)
+    t = cfg.text_config
+    heads = max(1, hidden // 64)
+    t.hidden_size, t.intermediate_size, t.num_hidden_layers = hidden, 4 * hidden, layers
+    t.num_attention_heads = t.num_key_value_heads = heads
+    t.head_dim = hidden // heads
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(cfg).eval()
+
+
+def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int, seed: int = 0) -> dict:
+    """Overhead at 0 edits, with `edits` edits, and with `edits` edits + a `memory`-entry memory."""
+    plain = copy.deepcopy(model)
+    layers = min(UniKEConfig.layers, len(locate(model)))     # the default last 4 (all of a shallower decoder)
+    editor = UniKE(model, processor, UniKEConfig(seed=seed, layers=layers))
+    try:
+        out = {"0_edits": overhead(plain, model, inputs, repeats)}
+        fill(editor, edits=edits, seed=seed)
+        out[f"{edits}_edits_no_memory"] = overhead(plain, model, inputs, repeats)
+        fill(editor, memory=memory, seed=seed + 1)
+        out[f"{edits}_edits_{memory}_memory"] = overhead(plain, model, inputs, repeats)
+    finally:
+        editor.detach()
+    return {"settings": out, "batch": list(inputs["input_ids"].shape),
+            "hidden": editor.stack.hidden_size, "layers": len(editor.stack), "edited_layers": editor.layer_ids,
+            "params": sum(p.numel() for p in model.parameters()), "n_neurons": editor.config.n_neurons}
+
+
+def state_sizes(editor: UniKE) -> dict[str, tuple[int, int]]:
+    """(elements, bytes) of every tensor of the editor's state."""
+    return {k: (v.numel(), v.numel() * v.element_size()) for k, v in editor.state().items()}
+
+
+def added_per_edit(before: dict, after: dict) -> dict:
+    """What one edit added, by part: neurons (K, b, V, ζ′: parameters added to the model), memory entries,
+    and the FFN inputs kept as negatives for later edits (bookkeeping, not used in the forward pass)."""
+    parts = {"neurons": 0, "memory": 0, "edited": 0}
+    nbytes = dict(parts)
+    for k, (n, b) in after.items():
+        part = k.split(".")[0]
+        if part in parts:
+            parts[part] += n - before.get(k, (0, 0))[0]
+            nbytes[part] += b - before.get(k, (0, 0))[1]
+    return {"params": parts["neurons"], "memory_floats": parts["memory"], "bookkeeping_floats": parts["edited"],
+            "bytes": sum(nbytes.values()), "bytes_by_part": nbytes}
+
+
+def timed_edits(editor: UniKE, cases, desc: str, progress: bool = True, on_first=None) -> list[float]:
+    """Seconds of each edit of `cases`, in order (`on_first(before)` after the first, with the state sizes
+    from before it)."""
+    seconds = []
+    for i, case in enumerate(tqdm(cases, desc=desc, disable=not progress)):
+        before = state_sizes(editor) if i == 0 and on_first else None
+        sync()
+        t0 = time.perf_counter()
+        editor.edit(case)
+        sync()
+        seconds.append(time.perf_counter() - t0)
+        if before is not None:
+            on_first(before)
+    return seconds
+
+
+@torch.no_grad()
+def fill_negatives(editor: UniKE, rows_per_edit: float, edits: int, seed: int = 0) -> None:
+    """Random stand-ins for the FFN inputs that `edits` earlier edits keep as negatives."""
+    gen = torch.Generator().manual_seed(seed)
+    for l in editor.layer_ids:
+        kept = editor.edited[l]
+        extra = torch.randn(round(rows_per_edit * edits), kept.shape[1], generator=gen) * kept.std()
+        editor.edited[l] = torch.cat([kept, extra.to(kept)])
+
+
+def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, at: int | None = None, seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Seconds of each edit in one sequence of `edits` real edits (fixed `steps` each), the last-10 /
+    first-10 median ratio, and the size of the first edit. With `at` > `edits`, the sequence then jumps
+    to edit number `at`: the state of the edits in between is filled with random tensors of the real
+    shapes (neurons, memory entries, kept negatives at the measured rate) and 10 more real edits are
+    timed ("filled": what edit number `at` costs, without running every edit before it)."""
+    cfg = UniKEConfig(seed=seed, edit_steps=steps, stop_prob=2.0)   # a probability never exceeds 2: no early stop
+    task = "vqa" if setup.world is not None or "vqa" in setup.data else sorted(setup.data)[0]
+    pool = setup.task_cases(task, edits if setup.world is not None else min(edits, len(setup.data[task])), seed)
+    editor = UniKE(setup.model, setup.processor, cfg)
+    try:
+        editor.fit(triplets, progress=progress)
+        size = {}
+        first_size = lambda before: size.update(added_per_edit(before, state_sizes(editor)))  # noqa: E731
+        seconds = timed_edits(editor, [pool[i % len(pool)] for i in range(edits)], f"{edits} sequential edits",
+                              progress, on_first=first_size)
+        m = min(10, max(1, edits // 2))
+        first, last = statistics.median(seconds[:m]), statistics.median(seconds[-m:])
+        out = {"ratio": last / first, "edits": edits, "edit_steps": steps, "early_stop": False,
+               "window": m, "first_median_s": first, "last_median_s": last,
+               "seconds": [round(s, 4) for s in seconds], "per_edit": size or None, "model": setup.label}
+        if at and at > edits + m:
+            skipped = at - edits - m
+            rows = len(editor.edited[editor.layer_ids[0]]) / edits
+            fill(editor, edits=skipped, memory=skipped, seed=seed)
+            fill_negatives(editor, rows, skipped, seed=seed)
+            tail = timed_edits(editor, [pool[(edits + i) % len(pool)] for i in range(m)],
+                               f"edits {at - m + 1}..{at} (after filling)", progress)
+            out["filled"] = {"at": at, "ratio": statistics.median(tail) / first, "median_s": statistics.median(tail),
+                             "seconds": [round(s, 4) for s in tail],
+                             "how": f"{edits} real edits, then the neurons, memory entries and kept negatives of "
+                                    f"{skipped} more edits filled with random tensors of the real shapes, then "
+                                    f"{m} real edits timed"}
+        return out
+    finally:
+        editor.detach()
+
+
+def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple[int, int] = (1024, 8),
+          edits: int = 100, memory: int = 15000, latency_edits: int = 1000, latency_steps: int = 5,
+          latency_at: int | None = None, repeats: int = 20, batch: int = 4, progress: bool = True) -> dict:
+    """Every speed figure of one invocation (see the module docstring)."""
+    cases = setup.task_cases("vqa", batch, seed)
+    models = {setup.label: (setup.model, setup.processor)}
+    if setup.world is not None:
+        models["mid"] = (mid_model(*mid, seed=seed), setup.processor)
+    detail = {}
+    for label, (model, processor) in tqdm(models.items(), desc="forward overhead", disable=not progress):
+        detail[label] = overheads(model, processor, probe_batch(model, processor, cases, batch), edits=edits,
+                                  memory=memory, repeats=repeats, seed=seed)
+    models.pop("mid", None)
+    latency = edit_latency(setup, triplets, edits=latency_edits, steps=latency_steps, at=latency_at, seed=seed,
+                           progress=progress)
+    full = f"{edits}_edits_{memory}_memory"
+    out = {
+        "overhead_0_edits": {k: v["settings"]["0_edits"]["ratio"] for k, v in detail.items()},
+        f"overhead_{edits}_edits": {k: v["settings"][full]["ratio"] for k, v in detail.items()},
+        "overhead": detail,
+        "overhead_fill": (f"random neuron and memory buffers of the real shapes: {edits} edits x n_neurons "
+                          f"neurons per edited layer, {memory} memory entries per edited layer"),
+        f"latency_ratio_{latency_edits}_vs_1": latency["ratio"],
+        "latency": latency,
+        **({f"latency_ratio_{latency['filled']['at']}_vs_1_filled": latency["filled"]["ratio"]}
+           if "filled" in latency else {}),
+        "params_per_edit": latency["per_edit"]["params"] if latency["per_edit"] else None,
+        "bytes_per_edit": latency["per_edit"]["bytes"] if latency["per_edit"] else None,
+        "seconds_per_edit": seconds_per_edit(runs),
+        "targets": TARGETS, "mid_config": {"hidden": mid[0], "layers": mid[1]},
+    }
+    return out
+
+
+def seconds_per_edit(runs: list[dict]) -> dict[str, float]:
+    """Mean seconds per edit of each method over its one-step runs (all its runs if it has none)."""
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == name]
+        picked = [r for r in mine if r["mode"] == "one-step"] or mine
+        out[name] = sum(r["seconds_per_edit"] for r in picked) / len(picked)
+    return out
