@@ -98,14 +98,32 @@ def test_disabled_gives_the_base_model(arch):
 
 
 def test_other_hooks_survive(arch):
+    """A plain torch hook registered before attaching, one registered while attached, and an nnsight
+    wrapper built before attaching all keep working through attach and detach."""
+    from nnsight import NNsight
+
+    before = _logits(arch.model, arch.inputs)
+    mlp = arch.model.model.language_model.layers[-1].mlp
     calls = []
-    handle = arch.model.model.language_model.layers[-1].mlp.register_forward_hook(lambda m, a, o: calls.append(1))
+    early = mlp.register_forward_hook(lambda m, a, o: calls.append("early"))
+    traced = NNsight(arch.model)
+    with traced.trace(**arch.inputs):
+        plain = traced.model.language_model.layers[-1].mlp.output.save()
     editor = _edited(arch)
+    late = mlp.register_forward_pre_hook(lambda m, a: calls.append("late"))
+    with traced.trace(**arch.inputs):
+        during = traced.model.language_model.layers[-1].mlp.output.save()
+        edited = traced.output.logits.save()
+    assert torch.equal(edited, _logits(arch.model, arch.inputs)) and not torch.equal(edited, before)
     editor.detach()
     calls.clear()
-    _logits(arch.model, arch.inputs)
-    assert calls == [1]
-    handle.remove()
+    with traced.trace(**arch.inputs):
+        after = traced.model.language_model.layers[-1].mlp.output.save()
+        logits = traced.output.logits.save()
+    assert calls == ["late", "early"]
+    assert torch.equal(logits, before) and torch.equal(after, plain) and during.shape == plain.shape
+    early.remove()
+    late.remove()
 
 
 def test_nnsight_reads_and_steers_alpha_and_neurons(arch):
@@ -141,3 +159,25 @@ def test_bad_layers_and_labels_raise_before_changes(arch):
     with pytest.raises(ValueError, match="at least"):
         editor.fit_inputs(fit_pairs(arch.inputs, 2), progress=False)
     assert torch.equal(_logits(arch.model, arch.inputs), before)
+
+
+def test_collect_then_fit_states_equals_fit_and_is_reusable(arch):
+    editor = unike.UniKE(arch.model, None, unike.UniKEConfig(**CFG))
+    editor.fit_inputs(fit_pairs(arch.inputs, 12), progress=False)
+    fitted, losses = _logits(arch.model, arch.inputs), editor.losses
+    states = editor.collect_inputs(fit_pairs(arch.inputs, 12), progress=False)
+    assert len(states) == 12 and set(states.layers) == set(editor.layer_ids)
+    editor.detach()
+    other = unike.UniKE(arch.model, None, unike.UniKEConfig(**CFG)).fit_states(states, progress=False)
+    assert torch.equal(_logits(arch.model, arch.inputs), fitted) and other.losses == losses
+    l = other.layer_ids[0]
+    query = states.layers[l]["h_sem"][:3]
+    sims, idx = other.memory[l].nearest(query)          # each finds an entry with its own key (entries share a prompt)
+    assert torch.allclose(states.layers[l]["h_sem"][idx[:, 0]], query) and torch.allclose(sims[:, 0], torch.ones(3))
+    other.detach()
+    again = unike.UniKE(arch.model, None, unike.UniKEConfig(**CFG, latent=False)).fit_states(states, progress=False)
+    assert len(states.trained) == 1 and again.losses == losses     # the spaces were reused, not retrained
+    assert all(torch.equal(v, other.spaces[l].state_dict()[k]) for k, v in again.spaces[l].state_dict().items())
+    again.detach()
+    with pytest.raises(ValueError, match="collected at layers"):
+        unike.UniKE(arch.model, None, unike.UniKEConfig(**{**CFG, "layers": 1})).fit_states(states, progress=False)

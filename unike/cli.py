@@ -37,15 +37,23 @@ def demo(args) -> None:
 
 
 def layers(args) -> None:
-    """Print the located text-decoder layer map of a model folder (or the tiny model)."""
+    """Print the located text-decoder layer map of a model folder's config (or of the tiny model)."""
     import unike
 
     if args.model:
-        from transformers import AutoModelForImageTextToText
-        model = AutoModelForImageTextToText.from_pretrained(args.model)
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        with torch.device("meta"):      # the structure only: no weight is read, so any size fits
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(args.model))
     else:
         model, _ = unike.load_tiny()
-    print(unike.locate(model, layers=args.layers).describe())
+    stack = unike.locate(model, layers=args.layers)
+    print(stack.describe())
+    n, last = len(stack), unike.UniKEConfig().layers
+    print(f"UniKE edits the last {last} by default: layers {list(range(max(0, n - last), n))}; choose others with "
+          f"UniKEConfig(layers=<count or list of indices in 0..{n - 1}>)"
+          + (f", and pass layers_path={args.layers!r}" if args.layers else ""))
 
 
 def bench(args) -> None:

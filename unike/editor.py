@@ -8,11 +8,16 @@ retrieved knowledge, the FFN input q is recorded, and the added neurons' output 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
+import os
+import types
+import typing
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +25,20 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data.case import EditCase, Triplet, load_image
+from .data.case import EditCase, Triplet, load_image, missing_images
 from .hooks import Hooks
-from .locate import locate
+from .inputs import edit_inputs
+from .locate import LocateError, locate
 from .memory import LatentMemory
 from .neurons import NeuronPatch
-from .prompting import IGNORE, collate, encode, on_model, pad_id_of
+from .prompting import IGNORE, answer_tokens, collate, device_of, encode, on_model, pad_id_of
 from .roles import last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
 MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity")
+NEURON_BUFFERS = ("keys", "bias", "values", "zeta", "truth")
+SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
 
 
@@ -78,6 +86,16 @@ class UniKEConfig:
     seed: int = 0
 
     def __post_init__(self):
+        hints = typing.get_type_hints(UniKEConfig)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _conforms(value, hints[f.name]):
+                raise TypeError(f"UniKEConfig.{f.name} = {value!r} ({type(value).__name__}) must be {f.type}")
+        for names, ok, rule in ((_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"), (_POSITIVE, lambda v: v > 0, "> 0"),
+                                (_NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
+            bad = [f"{n}={getattr(self, n)}" for n in names if not ok(getattr(self, n))]
+            if bad:
+                raise ValueError(f"UniKEConfig: {', '.join(bad)} must be {rule}")
         if self.zeta not in ZETA_CHOICES:
             raise ValueError(f"zeta must be one of {ZETA_CHOICES}, not {self.zeta!r}")
         if not (self.intrinsic or self.latent):
@@ -90,6 +108,46 @@ class UniKEConfig:
         if self.fixed_alpha is not None:
             return self.fixed_alpha
         return None if self.collaboration else 0.5
+
+
+_AT_LEAST_ONE = ("n_neurons", "top_k", "encoder_hidden", "truth_dim", "encoder_batch", "min_triplets")
+_POSITIVE = ("temperature", "encoder_tau", "edit_lr", "encoder_lr")
+_NON_NEGATIVE = ("edit_steps", "encoder_steps", "neg_memory_size", "image_negatives")
+
+
+def _conforms(value, hint) -> bool:
+    """isinstance() for UniKEConfig's annotations (int, float, bool, str, None, list[int] and unions); an
+    int is a float, a bool is neither an int nor a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, hint)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(_conforms(v, args[0]) for v in value))
+    return isinstance(value, origin or hint) if isinstance(origin or hint, type) else True
+
+
+@dataclass
+class FitStates:
+    """The base model's states of the fit triplets, per edited layer (`UniKE.collect`), all on the CPU.
+
+    `layers[l]` maps each key to a tensor: h_sem, h_pos, h_neg [n, d] (pre-attention states at the
+    question's last token and at the final token of question + right / wrong answer), v_pos [n, d]
+    (Attn(h_pos, h_pos, h_pos)), q [n, d] (the FFN input at the question's last token), q_ans [m, d]
+    (FFN inputs inside the answers) and other [o, d] (ordinary prompt tokens, for the relevance gate).
+    `questions`: the image questions (for image negatives).
+    """
+
+    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other")
+    layers: dict[int, dict[str, Tensor]]
+    questions: list[str] = field(default_factory=list)
+    trained: dict = field(default_factory=dict, repr=False)   # spaces trained on these states, per setting
+
+    def __len__(self) -> int:
+        return next(iter(self.layers.values()))["h_sem"].shape[0]
 
 
 @contextlib.contextmanager
@@ -109,6 +167,28 @@ def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
+def _follow(module: nn.Module, h: Tensor) -> nn.Module:
+    """unike's modules compute in fp32 on the device of the activation they touch (and return its dtype):
+    move one there the first time it differs, e.g. a layer placed by accelerate's `device_map`, or a
+    `model.to(...)` after attaching that moved or cast it."""
+    buffer = next(module.buffers())
+    if buffer.device != h.device or buffer.dtype != torch.float32:
+        module.to(h.device, torch.float32)
+    return module
+
+
+def atomic(spaces: bool):
+    """Decorator: when the method raises (a bad input found late, out of memory, Ctrl-C), the editor is
+    put back as it was before the call (`UniKE._transaction`); `spaces`: the method may train the spaces."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with self._transaction(spaces):
+                return method(self, *args, **kwargs)
+        return run
+    return wrap
+
+
 class UniKE:
     """UniKE on any HF (vision-)language model. See DESIGN.md for the public API."""
 
@@ -120,7 +200,10 @@ class UniKE:
         if getattr(mcfg, "is_encoder_decoder", False) or getattr(text_cfg, "is_encoder_decoder", False):
             raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model: its answer lives in "
                                       "decoder_input_ids, which UniKE does not edit yet; use a decoder-only VLM")
-        self.stack = locate(model, layers=cfg.layers_path)
+        try:
+            self.stack = locate(model, layers=cfg.layers_path)
+        except LocateError as err:
+            raise LocateError(f"{err}\nwith UniKE, pass that path as UniKEConfig(layers_path=...)") from None
         n = len(self.stack)
         ids = list(range(n - cfg.layers, n)) if isinstance(cfg.layers, int) else sorted(cfg.layers)
         if not ids or any(not -n <= i < n for i in ids) or (isinstance(cfg.layers, int) and not 0 < cfg.layers <= n):
@@ -147,7 +230,7 @@ class UniKE:
     def _attach(self) -> None:
         for l in self.layer_ids:
             layer = self.stack[l]
-            dev = next(layer.block.parameters()).device
+            dev = device_of(layer.block)      # not its weights' device: offloaded weights wait on "meta"
             for name, mod in (("unike_memory", self.memory[l]), ("unike_neurons", self.neurons[l])):
                 if hasattr(layer.block, name):
                     raise RuntimeError(f"layer {l} already carries {name}: another UniKE editor is attached; "
@@ -174,10 +257,10 @@ class UniKE:
             if not (self._enabled and self.config.latent and len(memory)):
                 return None
             h = _first(output)
-            x = self._x[l]
+            x = self._x[l].to(h.device)   # the block's input may arrive from another device (device_map)
             if x.shape != h.shape:
                 return None        # e.g. cross-attention layers whose output is not per input token
-            shifted = self.stack[l].block.unike_memory(h, x)
+            shifted = _follow(memory, h)(h, x)
             return (shifted,) + tuple(output[1:]) if isinstance(output, tuple) else shifted
         return hook
 
@@ -187,7 +270,7 @@ class UniKE:
             if not (self._enabled and self.config.intrinsic) or (patch.keys.shape[1] == 0 and patch.pending is None):
                 return None
             out = _first(output)
-            delta = self.stack[l].block.unike_neurons(self._q[l]).reshape(out.shape)
+            delta = _follow(patch, out)(self._q[l].to(out.device)).reshape(out.shape)
             out = out + delta
             return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
         return hook
@@ -201,6 +284,33 @@ class UniKE:
         finally:
             self._enabled = before
 
+    @contextlib.contextmanager
+    def _transaction(self, spaces: bool):
+        """Restore the editor if the block raises. Fit and edit replace the memory's, the neurons' and the
+        negatives' tensors rather than write into them, so references are kept; what is written in place
+        (0-d counters, and the spaces' weights when `spaces`) is copied."""
+        keep = lambda t: t.clone() if t.dim() == 0 else t  # noqa: E731
+        memory = {l: {k: keep(getattr(m, k)) for k in MEMORY_BUFFERS} for l, m in self.memory.items()}
+        neurons = {l: {k: getattr(p, k) for k in NEURON_BUFFERS} for l, p in self.neurons.items()}
+        pools = {k: dict(getattr(self, k)) for k in ("negatives", "answer_negatives", "edited")}
+        counters = {k: getattr(self, k) for k in ("fitted", "n_edits", "_fit_questions")}
+        weights = {l: {k: v.clone() for k, v in sp.state_dict().items()}
+                   for l, sp in self.spaces.items()} if spaces else {}
+        try:
+            yield
+        except BaseException:
+            for l in self.layer_ids:
+                for k, v in memory[l].items():
+                    setattr(self.memory[l], k, v)
+                self.neurons[l].discard()
+                for k, v in neurons[l].items():
+                    setattr(self.neurons[l], k, v)
+                if spaces:
+                    self.spaces[l].load_state_dict(weights[l])
+            for k, v in {**pools, **counters}.items():
+                setattr(self, k, v)
+            raise
+
     def _check_attached(self) -> None:
         if self.hooks is None:
             raise RuntimeError("this editor was detached; build a new UniKE(model, processor) to edit again")
@@ -208,36 +318,10 @@ class UniKE:
     # ----------------------------------------------------------------------------------------- inputs
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return device_of(self.model)
 
     def _inputs(self, item) -> dict[str, Tensor]:
-        """An EditCase, or an HF inputs dict with `labels` (-100 = ignore), as tensors on the model's device."""
-        if isinstance(item, EditCase):
-            if self.processor is None:
-                raise ValueError("editing an EditCase needs a processor: UniKE(model, processor); "
-                                 "or pass an inputs dict with `labels`")
-            c = item
-            inputs = encode(self.processor, load_image(c.image), c.prompt, c.target)
-        elif isinstance(item, Mapping):
-            inputs = dict(item)
-            if "labels" not in inputs or "input_ids" not in inputs:
-                raise ValueError("an inputs dict must hold `input_ids` and `labels` (-100 on prompt tokens)")
-            inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-        else:
-            raise TypeError(f"edit() takes an EditCase or an inputs dict with labels, not {type(item).__name__}")
-        labels = inputs["labels"]
-        if labels.shape != inputs["input_ids"].shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
-                             f"{tuple(inputs['input_ids'].shape)}")
-        if not (labels != IGNORE).any(1).all():
-            raise ValueError("a row of labels has no target token (all -100): mark the answer tokens")
-        if labels[:, 0].ne(IGNORE).any():
-            raise ValueError("labels mark the first token: the prompt must come before the answer")
-        limit = getattr(self.stack.text_config, "max_position_embeddings", None)
-        if limit and inputs["input_ids"].shape[1] > limit:
-            raise ValueError(f"the edit input has {inputs['input_ids'].shape[1]} tokens, more than the model's "
-                             f"context of {limit}; shorten the prompt or the target")
-        return on_model(inputs, self.model)
+        return edit_inputs(self.model, self.processor, item, self.stack.text_config)
 
     @torch.no_grad()
     def _states(self, inputs: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
@@ -297,14 +381,23 @@ class UniKE:
     # ----------------------------------------------------------------------------------------- fit
     def fit(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "UniKE":
         """Build the latent memory from (image, question, right, wrong) triplets and train the spaces."""
+        return self.fit_states(self.collect(triplets, batch_size=batch_size, progress=progress), progress=progress)
+
+    def fit_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
+                   progress: bool = True) -> "UniKE":
+        """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
+        return self.fit_states(self.collect_inputs(pairs, total=total, progress=progress), progress=progress)
+
+    def collect(self, triplets: Iterable[Triplet], *, batch_size: int = 16, progress: bool = True) -> "FitStates":
+        """The base model's states of the triplets at the edited layers: the first half of `fit`."""
         self._check_attached()
         triplets = list(triplets)
         self._check_count(len(triplets))
         if self.processor is None:
             raise ValueError("fit(triplets) needs a processor: UniKE(model, processor); without one, "
                              "call fit_inputs() with inputs dicts that carry labels")
+        self._check_triplets(triplets)
         pad = pad_id_of(self.processor)
-        questions = sorted({t.question for t in triplets if t.image is not None})
 
         def pairs():
             for start in range(0, len(triplets), batch_size):
@@ -313,21 +406,35 @@ class UniKE:
                 yield tuple(collate([encode(self.processor, im, t.question, getattr(t, side))
                                      for im, t in zip(images, chunk)], pad, side="right")
                             for side in ("right", "wrong"))
-        self.fit_inputs(pairs(), total=-(-len(triplets) // batch_size), progress=progress)
-        self._fit_questions = questions
-        return self
+        states = self.collect_inputs(pairs(), total=-(-len(triplets) // batch_size), progress=progress)
+        states.questions = sorted({t.question for t in triplets if t.image is not None})
+        return states
+
+    def _check_triplets(self, triplets: list) -> None:
+        """Every triplet is a Triplet whose answers tokenize and whose image exists, before any work."""
+        for i, t in enumerate(triplets):
+            if not isinstance(t, Triplet):
+                raise TypeError(f"fit() takes unike.Triplet records; item {i} is a {type(t).__name__} "
+                                "(for inputs dicts with labels, use fit_inputs)")
+            try:
+                answer_tokens(self.processor, t.right)
+                answer_tokens(self.processor, t.wrong)
+            except ValueError as err:
+                raise ValueError(f"triplet {i}: {err}") from None
+        missing = missing_images(t.image for t in triplets)
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} triplet image(s) do not exist, e.g. {missing[:3]}")
 
     def _check_count(self, n: int) -> None:
         if n < self.config.min_triplets:
             raise ValueError(f"fit() got {n} triplets; it needs at least {self.config.min_triplets} "
                              "to train the contrastive spaces (the paper uses more than 15,000)")
 
-    def fit_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
-                   progress: bool = True) -> "UniKE":
-        """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
+    def collect_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
+                       progress: bool = True) -> "FitStates":
+        """`collect` from batches of (question + right answer, question + wrong answer) inputs with labels."""
         self._check_attached()
-        cfg = self.config
-        collected = {l: {"h_sem": [], "h_pos": [], "v_pos": [], "h_neg": [], "q": [], "q_ans": [], "other": []} for l in self.layer_ids}
+        collected = {l: {k: [] for k in FitStates.KEYS} for l in self.layer_ids}
         for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
             pos, neg = self._inputs(pos), self._inputs(neg)
             sem = last_prompt_index(pos["attention_mask"], pos["labels"])
@@ -345,15 +452,39 @@ class UniKE:
                 collected[l]["other"].append(st["x"][other][::7].cpu())
             for l, st in self._states(neg).items():
                 collected[l]["h_neg"].append(st["h_pos"].cpu())
-        stacked = [{k: torch.cat(v) for k, v in collected[l].items()} for l in self.layer_ids]
-        self._check_count(stacked[0]["h_sem"].shape[0])
-        if stacked[0]["h_neg"].shape[0] != stacked[0]["h_pos"].shape[0]:
+        states = FitStates({l: {k: torch.cat(v) if v else torch.zeros(0, self.stack.hidden_size)
+                                for k, v in collected[l].items()} for l in self.layer_ids})
+        self._check_count(len(states))
+        if states.layers[self.layer_ids[0]]["h_neg"].shape[0] != len(states):
             raise ValueError("fit_inputs() needs as many wrong-answer rows as right-answer rows")
+        return states
+
+    @atomic(spaces=True)
+    def fit_states(self, states: "FitStates", *, progress: bool = True) -> "UniKE":
+        """The second half of `fit`: the latent memory, the relevance gate and the negatives from collected
+        states, and the contrastive spaces trained on them (loss curve in `self.losses`). Spaces trained
+        on the same states with the same encoder settings are reused, so editors with other ablation
+        switches fit from one `collect` without running the model or training the encoders again."""
+        self._check_attached()
+        if sorted(states.layers) != self.layer_ids:
+            raise ValueError(f"the states were collected at layers {sorted(states.layers)}, but this editor edits "
+                             f"{self.layer_ids}; collect them again with this editor (or the same `layers`)")
+        self._check_count(len(states))
+        cfg = self.config
+        stacked = [states.layers[l] for l in self.layer_ids]
         dev = self.device
         spaces = [self.spaces[l].cpu() for l in self.layer_ids]
         steps = cfg.encoder_steps if cfg.latent or (cfg.collaboration and cfg.zeta != "none") else 0  # α, ζ use them
-        self.losses = train_spaces(spaces, stacked, steps=steps, batch_size=cfg.encoder_batch,
-                                   lr=cfg.encoder_lr, tau=cfg.encoder_tau, seed=cfg.seed, progress=progress)
+        setting = (steps,) + tuple(getattr(cfg, name) for name in SPACE_FIELDS)
+        if setting in states.trained:       # seeded: these states and settings train exactly these spaces
+            weights, self.losses = states.trained[setting]
+            for sp, w in zip(spaces, weights):
+                sp.load_state_dict(w)
+        else:
+            self.losses = train_spaces(spaces, stacked, steps=steps, batch_size=cfg.encoder_batch,
+                                       lr=cfg.encoder_lr, tau=cfg.encoder_tau, seed=cfg.seed, progress=progress)
+            states.trained[setting] = ([{k: v.clone() for k, v in sp.state_dict().items()} for sp in spaces],
+                                       self.losses)
         gen = torch.Generator().manual_seed(cfg.seed)
         for l, st in zip(self.layer_ids, stacked):
             self.spaces[l].to(dev)
@@ -367,6 +498,7 @@ class UniKE:
             inside = torch.randperm(st["q_ans"].shape[0], generator=gen)[:cfg.neg_memory_size]
             self.answer_negatives[l] = st["q_ans"][inside]
             self.neurons[l].truth = self._zeta(l, st, gen).to(dev)
+        self._fit_questions = list(states.questions)
         self.fitted = True
         self.reset()
         return self
@@ -377,13 +509,14 @@ class UniKE:
             return torch.zeros(0)
         with torch.no_grad():
             if kind == "semantic":
-                s = sp.standardize
-                return (sp.sem(s(st["h_pos"])).mean(0) - sp.sem(s(st["h_neg"])).mean(0)).cpu()
+                s, dev = sp.standardize, sp.zeta.device     # the states were collected on the CPU
+                return (sp.sem(s(st["h_pos"].to(dev))).mean(0) - sp.sem(s(st["h_neg"].to(dev))).mean(0)).cpu()
             if kind == "random":
                 return torch.randn(sp.zeta.shape, generator=gen) * sp.zeta.norm() / sp.zeta.numel() ** 0.5
             return sp.zeta.detach().cpu().clone()
 
     # ----------------------------------------------------------------------------------------- edit
+    @atomic(spaces=False)
     def edit(self, item, *, progress: bool = False) -> dict[str, float]:
         """Edit one fact: an EditCase or an HF inputs dict with labels. Repeated calls accumulate."""
         self._check_attached()
@@ -391,7 +524,7 @@ class UniKE:
         cfg = self.config
         if not self.fitted and not self._warned:
             warnings.warn("the external memory is empty (fit() was not called): editing with the intrinsic "
-                          "neurons alone; call editor.fit(triplets) for UniKE's latent knowledge", stacklevel=2)
+                          "neurons alone; call editor.fit(triplets) for UniKE's latent knowledge", stacklevel=3)
             self._warned = True
         states = self._states(inputs)
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:
@@ -506,20 +639,19 @@ class UniKE:
                 probs = logits.softmax(-1)[tgt != IGNORE].gather(-1, tgt[tgt != IGNORE][:, None])
                 correct = bool((probs > cfg.stop_prob).all())
                 act = neg_loss = torch.zeros((), device=logits.device)
-                n_new = cfg.n_neurons
                 for l in self.layer_ids:
                     patch = self.neurons[l]
                     q = self._tokens(self._q[l], inputs)
-                    z = patch.preactivation(q[rows, cols][assign])[:, -n_new:]         # [n, n] own positions
+                    z = patch.pending_preactivation(q[rows, cols][assign])         # [n, n] own positions
                     act = act + F.relu(cfg.margin_pos - z.diagonal()).mean()
                     if len(positives[l]):
-                        zp = patch.preactivation(positives[l])[:, -n_new:][:, first]
+                        zp = patch.pending_preactivation(positives[l])[:, first]
                         act = act + F.relu(cfg.margin_pos - zp).mean()
                     if len(negatives[l]):      # mean over the violating negatives: hard ones are not diluted
-                        hinge = F.relu(patch.preactivation(negatives[l])[:, -n_new:] + cfg.margin_neg)
+                        hinge = F.relu(patch.pending_preactivation(negatives[l]) + cfg.margin_neg)
                         neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
                     if len(inside[l]) and not first.all():
-                        hinge = F.relu(patch.preactivation(inside[l])[:, -n_new:][:, ~first] + cfg.margin_neg)
+                        hinge = F.relu(patch.pending_preactivation(inside[l])[:, ~first] + cfg.margin_neg)
                         neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
                 loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
                 if correct and act.item() == 0 and neg_loss.item() == 0:
@@ -571,22 +703,40 @@ class UniKE:
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def save(self, path) -> Path:
-        """Write `unike.safetensors` and `unike.json` into the folder `path`."""
+        """Write `unike.safetensors` and `unike.json` into the folder `path` (created if needed).
+
+        Each file is written under a temporary name and then renamed, so a failed save leaves an earlier
+        one whole; the JSON holds the tensor file's SHA-256, which `load` checks."""
         self._check_attached()
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file; save() writes a folder (unike.safetensors + unike.json): "
+                                  "pass a folder path")
         path.mkdir(parents=True, exist_ok=True)
-        save_file(self.state(), str(path / STATE_FILE))
-        meta = {"config": asdict(self.config), "layer_ids": self.layer_ids, "num_layers": len(self.stack),
-                "hidden_size": self.stack.hidden_size, "fitted": self.fitted, "n_edits": self.n_edits,
-                "fit_questions": self._fit_questions,
-                "model_class": type(self.model).__name__}
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        tmp_state, tmp_meta = path / f".{STATE_FILE}.tmp", path / f".{CONFIG_FILE}.tmp"
+        try:
+            save_file(self.state(), str(tmp_state))
+            meta = {"config": asdict(self.config), "layer_ids": self.layer_ids, "num_layers": len(self.stack),
+                    "hidden_size": self.stack.hidden_size, "fitted": self.fitted, "n_edits": self.n_edits,
+                    "fit_questions": self._fit_questions, "model_class": type(self.model).__name__,
+                    "sha256": _sha256(tmp_state)}
+            tmp_meta.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp_state, path / STATE_FILE)
+            os.replace(tmp_meta, path / CONFIG_FILE)
+        finally:
+            tmp_state.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, model: nn.Module, processor, path) -> "UniKE":
-        """Rebuild an editor saved with `save` onto `model` (safetensors + JSON, never pickle)."""
+        """Rebuild an editor saved with `save` onto `model`: safetensors and JSON only, never pickle.
+
+        The files, the JSON's fields and types, the checksum, and every tensor's name and shape are checked
+        before the editor is kept; on any error the model is left as it was."""
         path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a folder; pass the folder written by editor.save()")
         for name in (STATE_FILE, CONFIG_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} is missing; pass the folder written by editor.save()")
@@ -595,32 +745,101 @@ class UniKE:
             state = load_file(str(path / STATE_FILE))
         except Exception as err:
             raise ValueError(f"{path} holds a corrupt or truncated UniKE state ({err}); save it again") from err
-        known = {f.name for f in fields(UniKEConfig)}
-        config = UniKEConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        _check_meta(meta, path / CONFIG_FILE)
+        if _sha256(path / STATE_FILE) != meta["sha256"]:
+            raise ValueError(f"{path / STATE_FILE} does not match the checksum in {CONFIG_FILE}: the files come from "
+                             "two different saves or one was altered; save the editor again")
+        try:
+            config = UniKEConfig(**meta["config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path / CONFIG_FILE}: {err}") from None
         stack = locate(model, layers=config.layers_path)
         if (len(stack), stack.hidden_size) != (meta["num_layers"], meta["hidden_size"]):
             raise ValueError(f"the saved state is for a model with {meta['num_layers']} layers of width "
                              f"{meta['hidden_size']}; this model has {len(stack)} of width {stack.hidden_size}")
+        if meta["model_class"] != type(model).__name__:
+            warnings.warn(f"the saved state was made on a {meta['model_class']}, this model is a "
+                          f"{type(model).__name__}; the edits only mean something on the same weights", stacklevel=2)
         editor = cls(model, processor, config)
         try:
+            if meta["layer_ids"] != editor.layer_ids:
+                raise ValueError(f"{CONFIG_FILE} lists layers {meta['layer_ids']}, but its config gives "
+                                 f"{editor.layer_ids}; save the editor again")
+            editor._check_state(state, meta["n_edits"])
             editor._load_state(state)
         except Exception:
             editor.detach()
             raise
         editor.fitted, editor.n_edits = meta["fitted"], meta["n_edits"]
-        editor._fit_questions = list(meta.get("fit_questions", []))
+        editor._fit_questions = list(meta["fit_questions"])
         return editor
 
+    def _check_state(self, state: dict[str, Tensor], n_edits: int) -> None:
+        """A saved state has this editor's tensor names and shapes (sizes that grow with fit and edits, 0 in
+        a fresh editor, excepted) and consistent counts."""
+        template = self.state()
+        missing, extra = sorted(set(template) - set(state)), sorted(set(state) - set(template))
+        if missing or extra:
+            raise ValueError(f"the saved state lacks {missing[:3]} and has unexpected {extra[:3]}: it belongs to "
+                             "another editor layout or unike version; save it again")
+        for k, t in template.items():
+            v = state[k]
+            if (v.dim() != t.dim() or v.is_floating_point() != t.is_floating_point()
+                    or any(a != b and b != 0 for a, b in zip(v.shape, t.shape))):
+                want = tuple("any" if b == 0 else b for b in t.shape)
+                raise ValueError(f"saved tensor {k} is {v.dtype} {tuple(v.shape)}; this editor needs "
+                                 f"{t.dtype} {want}: the state is from another model or was altered")
+        for l in self.layer_ids:
+            sizes = {k: state[f"memory.{l}.{k}"].shape[0] for k in ("keys", "values", "attn_values")}
+            neurons = [state[f"neurons.{l}.keys"].shape[1], len(state[f"neurons.{l}.bias"]),
+                       len(state[f"neurons.{l}.values"]), len(state[f"neurons.{l}.zeta"]) * self.config.n_neurons]
+            edits = len(state[f"neurons.{l}.zeta"]) if self.config.intrinsic else n_edits
+            if (len(set(sizes.values())) > 1 or int(state[f"memory.{l}.n_fit"]) > sizes["keys"]
+                    or len(set(neurons)) > 1 or edits != n_edits
+                    or state[f"neurons.{l}.truth"].numel() not in (0, self.config.truth_dim)):
+                raise ValueError(f"the saved state of layer {l} is inconsistent (memory sizes {sizes}, n_fit "
+                                 f"{int(state[f'memory.{l}.n_fit'])}, neurons {neurons}, {n_edits} edits): "
+                                 "it was altered or truncated; save it again")
+
     def _load_state(self, state: dict[str, Tensor]) -> None:
+        def cast(t: Tensor, device) -> Tensor:   # the state is fp32; a hand-made one may not be
+            return t.to(device, torch.float32) if t.is_floating_point() else t.to(device)
+
         for l in self.layer_ids:
             dev = self.spaces[l].standardize.mean.device
             sp = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"spaces.{l}.")}
             self.spaces[l].load_state_dict(sp)
             mem, patch = self.memory[l], self.neurons[l]
             for k in MEMORY_BUFFERS:
-                setattr(mem, k, state[f"memory.{l}.{k}"].to(dev))
-            for k in ("keys", "bias", "values", "zeta", "truth"):
-                setattr(patch, k, state[f"neurons.{l}.{k}"].to(dev))
-            self.negatives[l] = state[f"negatives.{l}"]
-            self.answer_negatives[l] = state[f"answer_negatives.{l}"]
-            self.edited[l] = state[f"edited.{l}"]
+                setattr(mem, k, cast(state[f"memory.{l}.{k}"], dev))
+            for k in NEURON_BUFFERS:
+                setattr(patch, k, cast(state[f"neurons.{l}.{k}"], dev))
+            for k in ("negatives", "answer_negatives", "edited"):
+                getattr(self, k)[l] = cast(state[f"{k}.{l}"], "cpu")
+
+
+META_FIELDS = {"config": dict, "layer_ids": list[int], "num_layers": int, "hidden_size": int, "fitted": bool,
+               "n_edits": int, "fit_questions": list[str], "model_class": str, "sha256": str}
+
+
+def _check_meta(meta, where: Path) -> None:
+    """unike.json has every field with its type, and its config no field UniKEConfig lacks."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} holds a {type(meta).__name__}, not a UniKE record; save the editor again")
+    wrong = [f"{k} (needs {t if typing.get_origin(t) else t.__name__})" for k, t in META_FIELDS.items()
+             if not _conforms(meta.get(k), t)]
+    if wrong:
+        raise ValueError(f"{where} has missing or mistyped fields: {', '.join(wrong)}; "
+                         "it was altered or written by another tool; save the editor again")
+    unknown = sorted(set(meta["config"]) - {f.name for f in fields(UniKEConfig)})
+    if unknown:
+        raise ValueError(f"{where} sets config fields UniKEConfig does not have: {unknown}; it was written by "
+                         "another unike version or altered; remove them or save the editor again")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

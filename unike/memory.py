@@ -91,13 +91,19 @@ class LatentMemory(nn.Module):
         if quantile is None or len(other) == 0:
             self.min_similarity.fill_(-1.0)
             return None
-        best = lambda h: self.retrieve(F.normalize(self.spaces.standardize(h.float()), dim=-1))[0]  # noqa: E731
-        self.min_similarity.fill_(float(torch.quantile(best(other)[:, 0], quantile)))
-        loo = best(h_sem)[:, 1] if len(self) > 1 else best(h_sem)[:, 0]
+        self.min_similarity.fill_(float(torch.quantile(self.nearest(other)[0][:, 0], quantile)))
+        best = self.nearest(h_sem)[0]
+        loo = best[:, 1] if len(self) > 1 else best[:, 0]
         return float((loo >= self.min_similarity).float().mean())
 
+    def nearest(self, x: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
+        """What pre-attention states x retrieve: their top-K cosines and memory indices (entry i < n_fit is
+        the i-th fit triplet, later entries are the edits' in order)."""
+        return self.retrieve(F.normalize(self.spaces.standardize(x.float()), dim=-1))
+
     def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
-        """Top-K cosine similarities and indices, computed in chunks of the memory (linear in its size)."""
+        """Top-K cosine similarities and indices of unit-norm standardised queries q, computed in chunks of
+        the memory (linear in its size)."""
         k = min(self.top_k, len(self))
         best_s = q.new_full((q.shape[0], 0), float("-inf"))
         best_i = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)
@@ -113,8 +119,8 @@ class LatentMemory(nn.Module):
             return h_attn
         shape, dtype = h_attn.shape, h_attn.dtype
         x2 = x.reshape(-1, shape[-1]).float()
+        sims, idx = self.nearest(x2)
         x_std = self.spaces.standardize(x2)
-        sims, idx = self.retrieve(F.normalize(x_std, dim=-1))
         weights = torch.softmax(sims / self.temperature, dim=-1)
         h_state = self.state(weights, self.values.to(x2)[idx])
         relevant = (sims[:, 0] >= self.min_similarity).to(x_std)

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data.case import EditCase, load_image
+from .data.case import EditCase, load_image, missing_images
 from .prompting import collate, encode, on_model, pad_id_of, tokenizer_of
 
 PROTOCOLS = ("token_acc", "exact")
@@ -155,21 +155,27 @@ def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, 
     model, proc = method.model, method.processor
     rewrite = getattr(method, "rewrite", None)
     per_case = [probes(c) for c in cases]
+    missing = missing_images(p.image for ps in per_case for p in ps)
+    if missing:   # found now, not after some edits were made
+        raise FileNotFoundError(f"{len(missing)} probe image(s) do not exist, e.g. {missing[:3]}; fix the cases' "
+                                "image paths (or load_mmedit's image_root)")
     loc_items = [p for ps in per_case for p in ps if p.metric in LOC_METRICS]
     with method.disabled():
         base_loc = iter(_base(protocol, model, proc, loc_items, batch_size))
     base = [[next(base_loc) if p.metric in LOC_METRICS else None for p in ps] for ps in per_case]
     totals: dict[str, list[float]] = {}
     chunks = range(0, len(cases), step)
-    for start in tqdm(chunks, desc=f"evaluate ({mode}, {protocol})", disable=not progress):
-        method.reset()
-        for case in cases[start:start + step]:
-            method.edit(case)
-        items = [p for ps in per_case[start:start + step] for p in ps]
-        if rewrite is not None:
-            items = [replace(p, prompt=rewrite(p.prompt)) for p in items]
-        refs = [b for bs in base[start:start + step] for b in bs]
-        for p, s in zip(items, _score(protocol, model, proc, items, refs, batch_size)):
-            totals.setdefault(p.metric, []).append(s)
-    method.reset()
+    try:
+        for start in tqdm(chunks, desc=f"evaluate ({mode}, {protocol})", disable=not progress):
+            method.reset()
+            for case in cases[start:start + step]:
+                method.edit(case)
+            items = [p for ps in per_case[start:start + step] for p in ps]
+            if rewrite is not None:
+                items = [replace(p, prompt=rewrite(p.prompt)) for p in items]
+            refs = [b for bs in base[start:start + step] for b in bs]
+            for p, s in zip(items, _score(protocol, model, proc, items, refs, batch_size)):
+                totals.setdefault(p.metric, []).append(s)
+    finally:
+        method.reset()    # no edit outlives evaluate(), even when it stops with an error
     return {m: 100.0 * sum(totals[m]) / len(totals[m]) for m in METRICS if m in totals}

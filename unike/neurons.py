@@ -96,6 +96,11 @@ class NeuronPatch(nn.Module):
         keys, bias, _, _ = self.parts()
         return q.float() @ keys.to(q.device) + bias.to(q.device)
 
+    def pending_preactivation(self, q: Float[Tensor, "... d"]) -> Float[Tensor, "... n"]:
+        """q·K + b of the edit being trained only: its cost does not grow with the committed edits."""
+        p = self.pending
+        return q.float() @ p["k"].to(q.device) + p["b"].to(q.device)
+
     def forward(self, q: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         keys, bias, values, zeta = self.parts()
         if keys.shape[1] == 0:

@@ -42,6 +42,19 @@ def _process(processor, text: str, image) -> dict[str, Tensor]:
     return dict(processor(**kwargs))
 
 
+def answer_tokens(processor, answer: str, *, eos: bool = False) -> list[int]:
+    """The ids `encode` appends for `answer` (a leading space, no special tokens; EOS if `eos`).
+    Raises if the answer tokenizes to nothing or to the tokenizer's unknown token."""
+    tok = tokenizer_of(processor)
+    ids = tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"the answer {answer!r} tokenizes to nothing; give a non-empty target")
+    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        raise ValueError(f"the answer {answer!r} holds words the tokenizer does not know (they map to "
+                         f"{tok.unk_token!r}); use words from its vocabulary")
+    return ids + [tok.eos_token_id] if eos and tok.eos_token_id is not None else ids
+
+
 def encode(processor, image, prompt: str, answer: str | None = None, *, eos: bool = False) -> dict[str, Tensor]:
     """Inputs for one sample (batch of 1). With `answer`, `labels` hold its tokens (and EOS if `eos`)."""
     text = prompt_text(processor, prompt, image is not None)
@@ -49,15 +62,7 @@ def encode(processor, image, prompt: str, answer: str | None = None, *, eos: boo
     enc.pop("token_type_ids", None)
     if answer is None:
         return enc
-    tok = tokenizer_of(processor)
-    answer_ids = tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-    if eos and tok.eos_token_id is not None:
-        answer_ids = answer_ids + [tok.eos_token_id]
-    if not answer_ids:
-        raise ValueError(f"the answer {answer!r} tokenizes to nothing; give a non-empty target")
-    if tok.unk_token_id is not None and tok.unk_token_id in answer_ids:
-        raise ValueError(f"the answer {answer!r} holds words the tokenizer does not know (they map to "
-                         f"{tok.unk_token!r}); use words from its vocabulary")
+    answer_ids = answer_tokens(processor, answer, eos=eos)
     ans = torch.tensor([answer_ids], dtype=enc["input_ids"].dtype)
     n = ans.shape[1]
     enc["input_ids"] = torch.cat([enc["input_ids"], ans], 1)
@@ -99,8 +104,22 @@ def pad_id_of(processor) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
+def device_of(module) -> torch.device:
+    """Where `module` computes. Under accelerate's `device_map` its weights may wait on the "meta" device
+    (offloaded to CPU or disk) between calls: then the device its hook brings them to; else the device
+    of its first parameter that holds data."""
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):          # accelerate's SequentialHook holds several
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    real = next((p for p in module.parameters() if p.device.type != "meta"), None)
+    return real.device if real is not None else torch.device("cpu")
+
+
 def on_model(inputs: dict[str, Tensor], model) -> dict[str, Tensor]:
     """Inputs moved to the model's device; floating tensors (pixels) cast to its dtype."""
-    p = next(model.parameters())
-    return {k: (v.to(p.device, p.dtype) if torch.is_floating_point(v) else v.to(p.device))
+    device, dtype = device_of(model), next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device))
             if isinstance(v, Tensor) else v for k, v in inputs.items()}

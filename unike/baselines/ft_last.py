@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..editor import UniKE
+from ..inputs import edit_inputs
 from ..locate import locate
 from ..prompting import IGNORE
 
@@ -35,8 +35,6 @@ class FTLast:
     at most `steps` steps, stopping as soon as every target token is the argmax. Edits accumulate
     (sequential editing continues from the current weights); the original FFN weights are kept, so
     `reset`/`detach` restore them exactly and `disabled()` swaps them in for a while."""
-
-    _inputs = UniKE._inputs          # the same edit inputs and checks as UniKE (EditCase or inputs dict)
 
     def __init__(self, model: nn.Module, processor=None, *, lr: float = 1e-3, steps: int = 30,
                  layers_path: str | None = None):
@@ -64,7 +62,7 @@ class FTLast:
     def edit(self, item, *, progress: bool = False) -> dict[str, float]:
         """Fine-tune on one fact: an EditCase or an HF inputs dict with labels."""
         self._check_attached()
-        inputs = self._inputs(item)
+        inputs = edit_inputs(self.model, self.processor, item, self.stack.text_config)
         labels = inputs.pop("labels")
         tgt = labels[:, 1:]
         mask = tgt != IGNORE

@@ -55,6 +55,9 @@ def load_mmedit(json_path, image_root=None, rephrase_root=None, task: str | None
         rel = rec.get(key) or ""
         if not rel:
             return None
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"{key} = {rel!r} must be a path relative to its image folder ({base}), without "
+                             "'..'; fix the record or move the image under that folder")
         p = base / rel
         if check_images and not p.is_file():
             missing.append(str(p))
@@ -67,14 +70,21 @@ def load_mmedit(json_path, image_root=None, rephrase_root=None, task: str | None
         if not str(rec["src"]).strip() or not str(rec["alt"]).strip():
             skipped += 1
             continue
-        cases.append(EditCase(
-            image=image(rec, "image", root), prompt=rec["src"], target=rec["alt"], ground_truth=rec.get("pred", ""),
-            rephrase_prompt=rec.get("rephrase", ""), rephrase_image=image(rec, "image_rephrase", reroot),
-            loc_prompt=rec.get("loc", ""), loc_answer=rec.get("loc_ans", ""),
-            mloc_image=image(rec, "m_loc", root), mloc_prompt=rec.get("m_loc_q", ""),
-            mloc_answer=rec.get("m_loc_a", ""), ci_prompt=rec.get("ci", ""), ci_answer=rec.get("ci_ans", ""),
-            ri_image=image(rec, "ri_image", root), ri_answer=rec.get("ri_ans", ""), task=task,
-            meta={"record": i}))
+        try:
+            if not rec["image"]:
+                raise ValueError("its image is empty, and an E-VQA / E-IC edit is about an image; give the "
+                                 "image's path (relative to image_root) or drop the record")
+            cases.append(EditCase(
+                image=image(rec, "image", root), prompt=rec["src"], target=rec["alt"],
+                ground_truth=rec.get("pred", ""), rephrase_prompt=rec.get("rephrase", ""),
+                rephrase_image=image(rec, "image_rephrase", reroot),
+                loc_prompt=rec.get("loc", ""), loc_answer=rec.get("loc_ans", ""),
+                mloc_image=image(rec, "m_loc", root), mloc_prompt=rec.get("m_loc_q", ""),
+                mloc_answer=rec.get("m_loc_a", ""), ci_prompt=rec.get("ci", ""), ci_answer=rec.get("ci_ans", ""),
+                ri_image=image(rec, "ri_image", root), ri_answer=rec.get("ri_ans", ""), task=task,
+                meta={"record": i}))
+        except ValueError as err:
+            raise ValueError(f"{path} record {i}: {err}") from None
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) referenced by {path} are missing, e.g. {missing[:3]}; "
                                 f"check image_root ({root}) and rephrase_root ({reroot})")

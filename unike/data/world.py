@@ -247,8 +247,13 @@ class SynthWorld:
     def _seed(self, rng: random.Random) -> int:
         return rng.randrange(EVAL_SEED, 2**31)
 
-    def _probe(self, rng: random.Random, e: Entity, exclude: str | None = None) -> tuple[str, str]:
+    def _probe(self, rng: random.Random, e: Entity, exclude: str | None = None,
+               changed: tuple[str, ...] = ()) -> tuple[str, str]:
+        """A question about a fact of `e` other than `exclude`; a fact in `changed` is swapped for another
+        one drawn from a side stream, so that the cases' random stream stays the same."""
         fact = rng.choice([f for f in FACTS if f != exclude])
+        if fact in changed:
+            fact = random.Random(f"{self.seed}-{e.index}-{fact}").choice([f for f in FACTS if f not in changed])
         return rng.choice(QUESTIONS[fact]), e.get(fact)
 
     def _text_probe(self, rng: random.Random, avoid: Entity) -> tuple[str, str]:
@@ -289,7 +294,8 @@ class SynthWorld:
             loc_prompt, loc_answer = self._text_probe(rng, e)
             mloc = self._other(rng, e)
             mloc_prompt, mloc_answer = self._probe(rng, mloc)
-            ci_prompt, ci_answer = self._probe(rng, e, exclude=key)
+            # same image, a fact the edit leaves alone (a caption edit renames the entity and changes its kind)
+            ci_prompt, ci_answer = self._probe(rng, e, exclude=key, changed=("name", "kind") if task == "caption" else ())
             seeds = [self._seed(rng) for _ in range(4)]
             cases.append(EditCase(
                 image=self.render(e, seeds[0]), prompt=prompt, target=target, ground_truth=truth,
