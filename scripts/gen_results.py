@@ -23,22 +23,17 @@ BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 
 COMMON = ["--out", "docs/results", "--append", "--seed", "0"]
 RUNS = {  # group -> bench invocations (arguments after `unike bench`), sized for a shared 2-core CPU
-    "A": [
-        ["--methods", "base,unike", "--task", "vqa,caption", "--n", "50"],
-        ["--methods", "intrin-only,latent-only,no-collab,zeta", "--task", "vqa", "--n", "20"],
-        ["--methods", "unike", "--task", "cross", "--mode", "sequential", "--k", "10", "--n", "40"],
-        ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "10,20", "--n", "40"],
-        ["--methods", "alpha", "--task", "vqa", "--n", "20"],
-        ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "50,100", "--n", "100"],
-        ["--methods", "unike", "--task", "vqa", "--n", "20"],          # UniKE on the ablations' 20 cases
+    "A": [  # Table 1, and every speed figure measured in the same run as the methods' seconds per edit
+        ["--methods", "main", "--task", "vqa,caption", "--n", "50", "--speed"],
         ["--methods", "base,unike", "--task", "caption", "--protocol", "exact", "--n", "20"],
     ],
-    "B": [  # after the baselines landed; the first also measures every speed figure in one run
-        ["--methods", "main", "--task", "vqa,caption", "--n", "50", "--speed", "--speed-edits", "200",
-         "--speed-edits-at", "1000"],
-        ["--methods", "intrin+prompt-ike", "--task", "vqa", "--n", "20"],
-        ["--methods", "ftlast,tpatcher", "--task", "vqa", "--mode", "sequential", "--k", "10,20", "--n", "40"],
-        ["--methods", "ftlast,tpatcher", "--task", "cross", "--mode", "sequential", "--k", "10", "--n", "40"],
+    "B": [  # Table 4, Fig. 4b, Fig. 4c on the same 20 cases
+        ["--methods", "unike,ablations,zeta,alpha", "--task", "vqa", "--n", "20"],
+    ],
+    "C": [  # Tables 2 and 3
+        ["--methods", "unike,ftlast,tpatcher", "--task", "vqa", "--mode", "sequential", "--k", "10,20", "--n", "40"],
+        ["--methods", "unike,ftlast,tpatcher", "--task", "cross", "--mode", "sequential", "--k", "10", "--n", "40"],
+        ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "50,100", "--n", "100"],
     ],
 }
 
@@ -106,61 +101,60 @@ NOTES = """\
 ## What the committed run shows
 
 The model is the shipped 2.56M-parameter tiny LLaVA on its procedural world, not MiniGPT-4 on MMEdit:
-absolute numbers are not comparable with the paper's rows; orderings are what to compare. The
-analysis below describes the committed `results.json`; rerunning with another seed changes the digits.
+absolute numbers are not comparable with the paper's rows; orderings are what to compare. The notes
+describe the committed `results.json` (rerunning with another seed changes the digits).
 
-* **One-step (Table 1).** UniKE's mean of the five ties the best baseline rather than beating it:
-  99.6 = T-Patcher's 99.6 on VQA, 97.4 = FT-L's 97.4 on captions (the tiny world is easy for any
-  neuron- or weight-editing method: T-Patcher and UniKE reach 100 Rel / T-Gen). Where they part is the
-  harder locality the classic five miss: T-Patcher's neurons fire on every question about the edited
-  image (VQA CI-Loc 44 vs UniKE 94), FT-L's weight change leaks into the same image's other facts
-  (caption CI-Loc 70 vs 88) and misses other renderings (VQA M-Gen 46). Prompt IKE does not work on
-  this model (VQA Rel 2, T-Loc 44): a 2.5M model never trained on demonstrations cannot read them, and
-  the prepended text disturbs its other answers. Latent IKE alone edits nothing (Rel 0, see below).
-* **Captions under `token_acc`.** The unedited model scores 65 Rel on captions: a counterfactual
-  caption shares most words with the true one, and `token_acc` credits every shared token. The
-  `exact` rows (whole caption generated) give the base model 0 and UniKE 95 Rel / 75 T-Gen / 65 M-Gen.
-* **Ablation (Table 4): the paper's ordering does not hold here.** Intrinsic editing alone already
-  scores 100 on the five at n = 20 (= UniKE), the latent memory alone 0 Rel, prompt IKE on top of the
-  neurons costs locality (T-Loc 30) without adding generality, and removing the collaboration changes
-  nothing measurable. Fixed α ≤ 0.6 and every ζ variant are within one case of UniKE; α = 0.8 lowers
-  generality and T-Loc (Fig. 4b's trend, on the locality side). So on the tiny model the neurons do
-  all the editing and the latent side neither helps nor hurts.
-* **Why the latent memory does not edit: α against relevance.** After an edit, the question-final token
-  of a probe about the edit retrieves the edit's own memory entry in the *first* edited layer (layer 2:
-  best cosine 0.997, gate open for 60% of relevant probes, α ≈ 0.3 on average) — the gate works there,
-  opening for 0–30% of the image probes not about the edit (m_loc, ci_loc, ri_loc) and for 90–100% of
-  the text-only ones, whose facts the fit memory holds. In the deeper edited layers (3–5) the same token's state
-  has already been moved by the earlier layers' new neurons, so its best cosine to any stored key drops
-  to 0.2–0.7 and the gate stays shut (α = 0), while unrelated probes, untouched by the edit, keep
-  retrieving the fit memory's own knowledge of them (cosine ≈ 0.95, α > 0 for 5–10%: harmless, it is
-  the model's own answer). Memory keys are unedited-model states; queries in later layers are edited
-  states. Without neurons (latent-only) the single-layer shift of α ≈ 0.3 toward the entry is too weak
-  to flip an answer. The paper's row 2 (94.6 Rel) likely relies on the edit or its MMEdit neighbours
-  sitting in the memory of every layer (reference §I).
-* **Sequential (Table 2) and cross-task (Table 3).** UniKE degrades with K (mean of five 95.0 at K = 10,
-  91.0 at 20, 80.6 at 50, 69.2 at 100), the hard probes first (CI-Loc 85 → 19, M-Loc 85 → 32): 100 edits
-  × 4 layers × 10 neurons interfere. T-Patcher (1 layer) keeps a higher mean of five in sequence (98.0 /
-  94.0 at K = 10 / 20, 95.4 cross-task vs UniKE's 91.7) but its CI-Loc stays at 40–62; FT-L falls to 80–85.
-  The paper's ordering (UniKE first) holds against FT-L only.
-* **Speed (same run as the `main` rows).** With UniKE attached and nothing edited, a forward costs
-  0.99× (mid-size) / 1.02× (tiny) the plain model's: the 1.02 target is met. With 100 edits' neurons
-  alone the mid-size model runs at 1.07×; adding a 15,000-entry memory per layer makes it 1.87× (tiny:
-  5.1×): the 1.10 target is missed. A profile of the mid-size forward puts the extra time in the
-  retrieval matmul (every token × 15,000 keys × 1,024 dims × 4 layers ≈ 45% of the model's own FLOPs at
-  this width and depth), then gathering the top-40 values (8%) and top-k (2%). At MiniGPT-4's scale
-  (4,096 wide, 32 layers, the same 4 edited layers) the same memory is ≈ 3.5% of the FLOPs. Fixes to
-  consider in `unike/memory.py`: retrieve in a low-dimensional projection of the keys (PCA or the
-  semantic encoder's first layer, 8–16× fewer FLOPs), store keys in bf16, an approximate index (IVF)
-  for memories of 10K+, and skip the gather and the encoder for tokens the gate shuts.
-* **Edit latency.** With a fixed 5 steps per edit, edit #200 of one sequence takes 3.8× edit #1, and
-  edit #1000 (the 790 edits before it filled with state of the real shapes) 35×: the 1.2 target is
-  missed by far. Cause: `UniKE._train_neurons` computes `patch.preactivation(...)` — all committed
-  neurons (10 per edit) against every negative (fit inputs + every earlier edit's) — at every step and
-  then keeps only the new edit's columns, so an edit costs O(edits × negatives). Computing the
-  pre-activations of the pending neurons only (`q @ pending.k + pending.b`) makes it independent of the
-  number of earlier edits except for the slowly growing negative pool. A full 1000-edit sequence was not
-  run for this reason (≈ 2 CPU-hours on this machine).
+* **One-step (Table 1): UniKE ties or trails the best baseline on the classic five.** VQA: UniKE's mean
+  of five 99.6 = T-Patcher's 99.6 (FT-L 88.0). Captions: UniKE 96.5 < FT-L 97.4 (T-Patcher 94.7). The
+  tiny world is easy for any neuron or weight edit. Where the methods part is the harder locality the
+  five miss: T-Patcher's neurons fire on every question about the edited image (VQA CI-Loc 44 vs UniKE
+  94); FT-L generalises poorly to another rendering (VQA M-Gen 46) and leaks into the image's other
+  facts on captions (CI-Loc 88 vs 94). Prompt IKE does not work on this model (VQA Rel 2, T-Loc 44):
+  a 2.5M model never trained on demonstrations cannot read them, and the extra text disturbs its other
+  answers. Latent IKE alone edits nothing (Rel 0; see the α analysis).
+* **Captions under `token_acc`.** The unedited model scores 65 Rel on captions: a counterfactual caption
+  shares most words with the true one and `token_acc` credits every shared token. With `exact` (whole
+  caption generated) the base model scores 0 and UniKE 100 Rel but 55 T-Gen / 35 M-Gen: whole-caption
+  generality is much weaker than the token-level numbers suggest.
+* **Ablation (Table 4): the paper's ordering does not hold here.** Intrinsic editing alone scores 100 on
+  the five at n = 20, the same as UniKE (and as no-collaboration); the latent memory alone scores 0 Rel;
+  prompt IKE on top of the neurons costs locality (T-Loc 30, CI-Loc 50) without adding generality.
+  Fixed α ≤ 0.6 and every ζ variant are within one case of UniKE; α = 0.8 lowers generality (87.5) and
+  T-Loc (85), Fig. 4b's trend. On the tiny model the neurons do all the editing; the latent side and the
+  collaboration neither help nor hurt measurably.
+* **Why the latent memory does not edit (α against relevance).** After an edit, a probe about it
+  retrieves the edit's own memory entry at the question-final token in the *first* edited layer (layer
+  2: best cosine 0.997, gate open for 60% of those probes, mean α 0.3); there the gate opens for 0–30%
+  of the image probes not about the edit and for 90–100% of the text-only ones, whose facts the fit
+  memory holds (retrieving the model's own knowledge, harmless). In the deeper edited layers (3–5) the
+  same token's state has already been moved by the earlier layers' new neurons: its best cosine to any
+  stored key falls to 0.2–0.8 and the gate stays shut (α = 0), because the memory keys are states of
+  the unedited model. Without neurons (latent-only), one layer's shift with α ≈ 0.3 toward the entry is
+  too weak to flip an answer. The paper's row 2 (94.6 Rel) likely relies on the edit or its MMEdit
+  neighbours being retrieved in every layer (reference §I).
+* **Sequential (Table 2) and cross-task (Table 3).** UniKE degrades with K — mean of five 95.0 (K = 10),
+  91.0 (20), 82.6 (50), 58.4 (100) — the locality probes first (M-Loc 85 → 20, CI-Loc 85 → 19, T-Loc
+  97.5 → 57 at K = 100): 100 edits × 4 layers × 10 neurons interfere. T-Patcher (one layer) keeps a higher
+  mean of five (98.5 / 95.5 at K = 10 / 20; cross-task 95.4 vs UniKE's 89.9) but its CI-Loc stays at
+  38–65 where UniKE's is 60–90; FT-L falls to 80–85. The paper's ordering (UniKE first) holds against
+  FT-L only; against T-Patcher it holds on CI-Loc, not on the five.
+* **Forward overhead (`--speed`, same run as the `main` rows).** With UniKE attached and nothing edited a
+  forward costs 1.005× the plain model's on the mid-size config (1.02× on the tiny one): the ≤ 1.02
+  target is met. 100 edits' neurons alone: 1.06× (mid). With a 15,000-entry memory per edited layer as
+  well: 1.87× (mid), 5.2× (tiny): the ≤ 1.10 target is missed. A profile of the mid-size forward puts
+  the extra time in the retrieval matmul (every token × 15,000 keys × 1,024 dims × 4 layers, ≈ 45% of
+  the model's own FLOPs at this width and depth), gathering the top-40 values (≈ 8%) and top-k (≈ 2%).
+  At MiniGPT-4's scale (4,096 wide, 32 layers, the same 4 edited layers) the same memory is ≈ 3.5% of
+  the FLOPs. Fixes to consider in `unike/memory.py`: retrieve in a low-dimensional projection of the
+  keys (PCA or the semantic encoder's first layer: 8–16× fewer FLOPs), keys in bf16, an approximate
+  index (IVF) for 10K+ entries, and skipping the gather and the encoder for tokens the gate shuts.
+* **Edit latency.** One sequence of 1,000 real edits, 5 training steps each (no early stop): edit #1000
+  takes 2.09× edit #1 (0.48 s vs 0.23 s); target ≤ 1.2 missed. A profile at 1,000 edits puts ≈ 44% of an
+  edit's time in `NeuronPatch.parts()` concatenating the 10,000 committed neurons per layer with the
+  pending ones on every forward of every training step, and most of the rest in matmuls that grow with
+  the committed neurons (each token passes through 10 × edits neurons per layer). Computing the committed
+  neurons' output without the concatenation (committed part + pending part) removes the first; the second
+  is inherent in key-value neurons and smaller, relatively, on larger models.
 """
 
 if __name__ == "__main__":
