@@ -21,6 +21,14 @@ def pyplot():
     return plt
 
 
+def save(fig, path: Path) -> Path:
+    """Lay out, write (90 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+    return path
+
+
 def order(method: str) -> tuple:
     """The registry's order: main methods, ablations, ζ, then fixed α by value."""
     known = GROUPS["all"]
@@ -49,10 +57,7 @@ def bar_charts(runs: list[dict], folder: Path) -> list[Path]:
             ax.set_ylabel(f"{HEAD[metric]} (%)", fontsize=8)
             ax.set_title(f"{g[0]} ({g[2]}, {g[1]}, n={g[3]}, seed {g[4]})", fontsize=8)
         fig.suptitle(f"{HEAD[metric]}, one-step editing", fontsize=9)
-        fig.tight_layout()
-        out.append(folder / f"bar_{metric}.png")
-        fig.savefig(out[-1], dpi=90)
-        plt.close(fig)
+        out.append(save(fig, folder / f"bar_{metric}.png"))
     return out
 
 
@@ -81,10 +86,7 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
             ax.set_title(f"{name_of(m).replace('*', '')}, {task}")
         axes[0][0].set_ylabel("score (%)")
         axes[0][-1].legend(fontsize=7, loc="lower left")
-        fig.tight_layout()
-        out.append(folder / f"sequential_{task}.png")
-        fig.savefig(out[-1], dpi=90)
-        plt.close(fig)
+        out.append(save(fig, folder / f"sequential_{task}.png"))
     return out
 
 
@@ -111,11 +113,7 @@ def alpha_plot(records: list[dict], folder: Path) -> list[Path]:
         row[0].set_ylabel("α at the question-final token", fontsize=8)
     axes[0][0].legend(fontsize=6, loc="upper left")
     fig.suptitle(f"α against relevance after one edit ({records[0]['model']}); dotted: the relevance gate", fontsize=9)
-    fig.tight_layout()
-    path = folder / "alpha_relevance.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path]
+    return [save(fig, folder / "alpha_relevance.png")]
 
 
 def latency_plot(speed: dict, folder: Path) -> list[Path]:
@@ -129,11 +127,7 @@ def latency_plot(speed: dict, folder: Path) -> list[Path]:
     ax.set_xlabel("edit number in one sequence")
     ax.set_ylabel("seconds")
     ax.set_title(f"edit latency, {lat['edit_steps']} steps per edit ({lat['model']})")
-    fig.tight_layout()
-    path = folder / "latency.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path]
+    return [save(fig, folder / "latency.png")]
 
 
 def plots(results: dict, folder) -> list[Path]:
