@@ -404,8 +404,8 @@ While an editor is attached, every UniKE component is a submodule of the decoder
 | module in `layers[l]` | output |
 |---|---|
 | `unike_memory.alpha` | α per token, `[tokens]`: how much retrieved knowledge is mixed in (Eq. 7) |
-| `unike_memory.know` | h_know, `[tokens, d]`: the retrieved knowledge in attention-output space |
-| `unike_memory.state` | Σ w·h_pos, `[tokens, d]`: the retrieved states |
+| `unike_memory.know` | h_know, `[tokens, d]`: the retrieved knowledge in attention-output space (zero rows where the gate is provably shut, except inside `editor.full_retrieval()`) |
+| `unike_memory.state` | Σ w·h_pos, `[tokens, d]`: the retrieved states (the same) |
 | `unike_neurons.activation` | the new neurons' activations, `[..., tokens, N]` (10 per edit) |
 | `unike_neurons.zeta_term` | β·ζ′ per edit, `[edits, d]` (Eq. 6) |
 
@@ -513,7 +513,8 @@ The same modules can be overwritten inside a trace. Below, the edit's prompt run
 (no external knowledge) or 1 (retrieved knowledge replaces every token's attention output), ζ′ scaled,
 and the new neurons switched off; the table shows the next-token prediction and the probabilities of the
 target and of the original answer (their first tokens), and how far the logits moved from the edited
-model's."""),
+model's. Tokens that the relevance gate provably shuts skip retrieval (their h_know is a zero row), so
+the traces run inside `editor.full_retrieval()`, where every token retrieves its knowledge."""),
     ("code", '''inputs = inputs_for(case.image, case.prompt)
 first = lambda answer: tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][0]  # noqa: E731
 target, original = first(case.target), first(case.ground_truth)
@@ -521,7 +522,7 @@ target, original = first(case.target), first(case.ground_truth)
 
 def steered(alpha=None, zeta=1.0, neurons=True):
     """Next-token probabilities with α set, ζ′ scaled or the new neurons off at every edited layer."""
-    with traced.trace(**inputs):
+    with editor.full_retrieval(), traced.trace(**inputs):
         for l in editor.layer_ids:                     # execution order: memory, then neurons
             if alpha is not None:
                 layers[l].unike_memory.alpha.output[:] = alpha

@@ -285,6 +285,20 @@ class UniKE:
             self._enabled = before
 
     @contextlib.contextmanager
+    def full_retrieval(self):
+        """Every token retrieves its top-K inside this block, even where the relevance gate is provably
+        shut (by default those tokens skip retrieval: α = 0 there either way, so outputs are identical).
+        Use it to read h_know for every token or to steer α where the gate is shut."""
+        before = {l: m.prune for l, m in self.memory.items()}
+        for m in self.memory.values():
+            m.prune = False
+        try:
+            yield self.model
+        finally:
+            for l, m in self.memory.items():
+                m.prune = before[l]
+
+    @contextlib.contextmanager
     def _transaction(self, spaces: bool):
         """Restore the editor if the block raises. Fit and edit replace the memory's, the neurons' and the
         negatives' tensors rather than write into them, so references are kept; what is written in place

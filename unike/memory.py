@@ -15,22 +15,39 @@ by the model itself), so that
 
 Per-token retrieval makes the shift independent of batch composition, padding and the KV cache: a
 token gets the same shift whether it is processed in the prefill or in a cached decoding step.
+
+Pruning (exact). A token whose best cosine is below the relevance gate gets α = 0 and its attention
+output back unchanged, so its top-K is never used. Before the full scan, every token's best cosine is
+bounded from above in a rank-r basis of the keys (Cauchy–Schwarz on the part outside the basis):
+
+    cos(q, k) = q_r·k_r + q_⊥·k_⊥ ≤ q_r·k_r + |q_⊥| |k_⊥|      (r = 16 numbers per entry, not d)
+
+and only tokens whose bound reaches the gate retrieve. The output is the same as with a full scan; for
+the tokens that skip, α = 0 and h_know, Σ w h_pos are zero rows. `prune = False` (or
+`UniKE.full_retrieval()`) makes every token retrieve, e.g. to steer α where the gate is shut.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .spaces import Spaces
 
 
-class Knowledge(nn.Module):
-    """A softmax-weighted sum of retrieved rows; a module so nnsight can read or steer h_know."""
+BOUND_RANK = 16      # width of the pruning bound's basis
+BOUND_SLACK = 1e-4   # added to the bound: float rounding never prunes a token the full scan would pass
 
-    def forward(self, weights: Float[Tensor, "n k"], values: Float[Tensor, "n k d"]) -> Float[Tensor, "n d"]:
-        return torch.einsum("nk,nkd->nd", weights, values)
+
+class Knowledge(nn.Module):
+    """A softmax-weighted sum of retrieved rows, zero for tokens that retrieved nothing; a module so
+    nnsight can read or steer h_know."""
+
+    def forward(self, weights: Float[Tensor, "m k"], table: Float[Tensor, "N d"], idx: Int[Tensor, "m k"],
+                rows: Int[Tensor, "m"], n: int) -> Float[Tensor, "n d"]:
+        out = weights.new_zeros(n, table.shape[1])
+        return out.index_copy(0, rows, torch.einsum("mk,mkd->md", weights, table.to(weights)[idx]))
 
 
 class Alpha(nn.Module):
@@ -66,22 +83,29 @@ class LatentMemory(nn.Module):
         self.register_buffer("attn_values", torch.zeros(0, dim))  # Attn(h_pos, h_pos, h_pos)
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # first n_fit entries come from fit()
         self.register_buffer("min_similarity", torch.tensor(-1.0))       # relevance gate (calibrate())
+        self.prune = True              # skip retrieval where the bound proves the gate shut (exact)
+        self._bound: dict | None = None  # the pruning bound's basis and per-entry parts, for `keys` as it is
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
     @torch.no_grad()
     def add(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"], v_pos: Float[Tensor, "n d"]) -> None:
-        keys = F.normalize(self.spaces.standardize(h_sem.float()), dim=-1)
-        self.keys = torch.cat([self.keys, keys.to(self.keys)])
+        keys = F.normalize(self.spaces.standardize(h_sem.float()), dim=-1).to(self.keys)
+        bound = self._bound if self._bound is not None and self._bound["keys"] is self.keys else None
+        self.keys = torch.cat([self.keys, keys])
+        if bound is not None:          # the basis stays; the new entries get their parts in it
+            self._bound = {**bound, "keys": self.keys, "parts": torch.cat([bound["parts"], self._parts(keys, bound["basis"])])}
         self.values = torch.cat([self.values, h_pos.float().to(self.values)])
         self.attn_values = torch.cat([self.attn_values, v_pos.float().to(self.attn_values)])
 
     @torch.no_grad()
     def truncate(self, n: int) -> None:
         """Keep the first n entries (drop the edits' entries)."""
+        bound = self._bound if self._bound is not None and self._bound["keys"] is self.keys else None
         self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
         self.attn_values = self.attn_values[:n].clone()
+        self._bound = None if bound is None else {**bound, "keys": self.keys, "parts": bound["parts"][:n].clone()}
 
     @torch.no_grad()
     def calibrate(self, h_sem: Float[Tensor, "n d"], other: Float[Tensor, "m d"], quantile: float | None) -> None:
@@ -114,18 +138,80 @@ class LatentMemory(nn.Module):
             best_i = torch.cat([best_i, i + start], 1).gather(1, order)
         return best_s, best_i
 
+    @staticmethod
+    def _parts(keys: Float[Tensor, "n d"], basis: Float[Tensor, "r d"]) -> Float[Tensor, "n r+1"]:
+        """[k_r, |k_⊥|]: unit vectors' coordinates in the basis and the norm of what lies outside it."""
+        inside = keys @ basis.T
+        return torch.cat([inside, (keys - inside @ basis).norm(dim=1, keepdim=True)], 1)
+
+    @torch.no_grad()
+    def _index(self) -> dict:
+        """The bound's basis (top right singular vectors of the fitted keys, by a seeded randomized range
+        finder) and every entry's parts; built on first use and after `keys` is replaced (fit, load)."""
+        if self._bound is None or self._bound["keys"] is not self.keys:
+            fitted = self.keys[:int(self.n_fit)] if int(self.n_fit) else self.keys
+            r = min(BOUND_RANK, *fitted.shape)
+            probe = torch.randn(fitted.shape[1], r + 8, generator=torch.Generator().manual_seed(0)).to(fitted)
+            basis = torch.linalg.qr(fitted @ probe).Q
+            for _ in range(2):                                   # power iterations sharpen the range
+                basis = torch.linalg.qr(fitted @ (fitted.T @ basis)).Q
+            basis = torch.linalg.svd(basis.T @ fitted, full_matrices=False).Vh[:r]        # [r, d]
+            self._bound = {"keys": self.keys, "basis": basis, "parts": self._parts(self.keys, basis)}
+        return self._bound
+
+    @torch.no_grad()
+    def open_rows(self, q: Float[Tensor, "n d"]) -> Int[Tensor, "m"]:
+        """Rows of unit-norm standardised queries whose best cosine may reach the relevance gate (every
+        row when the gate is off, `prune` is False, or the memory is small)."""
+        return self._open(q)[0]
+
+    def _open(self, q: Float[Tensor, "n d"]) -> tuple[Int[Tensor, "m"], Float[Tensor, "m r+1"] | None]:
+        """`open_rows` and those rows' coordinates in the bound's basis (None when not pruning)."""
+        every = torch.arange(q.shape[0], device=q.device)
+        gate = float(self.min_similarity)
+        if not self.prune or gate <= -1 or len(self) <= 4 * self.top_k:
+            return every, None
+        bound = self._index()
+        mine = self._parts(q, bound["basis"].to(q))                                        # [n, r+1]
+        best = q.new_full((q.shape[0],), float("-inf"))
+        for start in range(0, len(self), self.chunk):
+            best = torch.maximum(best, (mine @ bound["parts"][start:start + self.chunk].to(q).T).amax(1))
+        keep = best + BOUND_SLACK >= gate
+        return every[keep], mine[keep]
+
+    @torch.no_grad()
+    def top_indices(self, q: Float[Tensor, "m d"], coords: Float[Tensor, "m r+1"] | None = None) -> Int[Tensor, "m k"]:
+        """Each query's exact top-K entries as ascending indices. With its coordinates in the bound's
+        basis, from a shortlist of the 4K best bounds, re-ranked exactly: kept when the shortlist's lowest
+        bound is below the K-th exact cosine (no entry outside it can enter), else a full scan."""
+        if coords is None:
+            return self.retrieve(q)[1].sort(1).values
+        k = min(self.top_k, len(self))
+        bounds, short = (coords @ self._index()["parts"].to(q).T).topk(min(len(self), 4 * k), dim=1)
+        exact, order = torch.einsum("md,msd->ms", q, self.keys.to(q)[short]).topk(k, dim=1)
+        idx = short.gather(1, order)
+        unsure = bounds[:, -1] + BOUND_SLACK >= exact[:, -1]
+        if unsure.any():
+            idx[unsure] = self.retrieve(q[unsure])[1]
+        return idx.sort(1).values
+
     def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"]) -> Float[Tensor, "b t d"]:
         if len(self) == 0:
             return h_attn
         shape, dtype = h_attn.shape, h_attn.dtype
         x2 = x.reshape(-1, shape[-1]).float()
-        sims, idx = self.nearest(x2)
+        n = x2.shape[0]
         x_std = self.spaces.standardize(x2)
+        q = F.normalize(x_std, dim=-1)
+        rows, coords = self._open(q)
+        idx = self.top_indices(q[rows], coords)
+        sims = torch.einsum("md,mkd->mk", q[rows], self.keys.to(q)[idx])    # differentiable in x when training
         weights = torch.softmax(sims / self.temperature, dim=-1)
-        h_state = self.state(weights, self.values.to(x2)[idx])
-        relevant = (sims[:, 0] >= self.min_similarity).to(x_std)
-        alpha = self.alpha(self.spaces.sem(self.spaces.standardize(h_state)), x_std, relevant)
-        h_know = self.know(weights, self.attn_values.to(x2)[idx])
+        h_state = self.state(weights, self.values, idx, rows, n)
+        relevant = x_std.new_zeros(n).index_fill(0, rows[sims.amax(1) >= self.min_similarity], 1.0)
+        enc_know = h_state.index_copy(0, rows, self.spaces.sem(self.spaces.standardize(h_state[rows])))
+        alpha = self.alpha(enc_know, x_std, relevant)
+        h_know = self.know(weights, self.attn_values, idx, rows, n)
         a = alpha[:, None]
         shifted = (1 - a) * h_attn.reshape(-1, shape[-1]).float() + a * h_know
         return shifted.reshape(shape).to(dtype)

@@ -85,7 +85,7 @@ class NeuronPatch(nn.Module):
         self.discard()
 
     def parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(K, b, V, ζ′) over committed and pending edits."""
+        """(K, b, V, ζ′) over committed and pending edits (concatenated: for reading, not the forward)."""
         if self.pending is None:
             return self.keys, self.bias, self.values, self.zeta
         p = self.pending
@@ -102,11 +102,41 @@ class NeuronPatch(nn.Module):
         return q.float() @ p["k"].to(q.device) + p["b"].to(q.device)
 
     def forward(self, q: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
-        keys, bias, values, zeta = self.parts()
-        if keys.shape[1] == 0:
+        """The committed and the pending neurons run as two blocks, never concatenated: while an edit
+        trains, the backward pass then reaches only its own n neurons, whatever the number committed."""
+        if self.keys.shape[1] == 0 and self.pending is None:
             return torch.zeros_like(q)
-        dev = q.device
-        a = self.activation(q.float() @ keys.to(dev) + bias.to(dev))           # [..., N]
-        per_edit = a.unflatten(-1, (-1, self.n)).sum(-1)                        # [..., E]
-        out = a @ values.to(dev) + per_edit @ self.zeta_term(zeta.to(dev), self.beta)
+        dev, x = q.device, q.float()
+        zeta = self.zeta.to(dev)
+        if self.pending is not None:
+            zeta = torch.cat([zeta, self.pending_zeta().to(dev)])
+        zeta = self.zeta_term(zeta, self.beta)                                  # [E (+1), d]
+        blocks = [(self.keys, self.bias, self.values)]
+        if self.pending is not None:
+            blocks.append((self.pending["k"], self.pending["b"], self.pending["v"]))
+        out, start = 0, 0
+        for i, (keys, bias, values) in enumerate(blocks):
+            e = keys.shape[1] // self.n
+            if e == 0:
+                continue
+            keys, bias, values, z = keys.to(dev), bias.to(dev), values.to(dev), zeta[start:start + e]
+            start += e
+            if i == 0 and self.pending is not None and x.requires_grad and isinstance(self.activation, nn.ReLU):
+                keys, bias, values, z = self.firing(x, keys, bias, values, z)
+                if keys.shape[1] == 0:
+                    continue
+            a = self.activation(x @ keys + bias)                                # [..., n_block]
+            per_edit = a.unflatten(-1, (-1, self.n)).sum(-1)                    # [..., e_block]
+            out = out + a @ values + per_edit @ z
         return out.to(q.dtype)
+
+    def firing(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"],
+               values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The committed edits with a neuron that fires somewhere in x (ReLU: the others add an exact zero
+        and pass no gradient). While an edit trains, the backward pass then runs through those few edits
+        instead of every committed neuron."""
+        with torch.no_grad():
+            fires = (x.reshape(-1, x.shape[-1]) @ keys + bias > 0).any(0)           # [N]
+            edits = fires.unflatten(0, (-1, self.n)).any(1).nonzero().squeeze(1)    # [e_fired]
+        cols = (edits[:, None] * self.n + torch.arange(self.n, device=x.device)).flatten()
+        return keys[:, cols], bias[cols], values[cols], zeta[edits]

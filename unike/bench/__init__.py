@@ -79,7 +79,7 @@ def main(args) -> dict:
 
         new["speed"] = speed(setup, triplets, new["runs"], seed=args.seed, mid=tuple(mid), edits=args.speed_fill_edits,
                              memory=args.speed_memory, latency_edits=args.speed_edits, latency_steps=args.speed_steps,
-                             latency_at=args.speed_edits_at,
+                             latency_at=args.speed_edits_at, fit=args.speed_fit,
                              repeats=args.speed_repeats, batch=args.speed_batch, progress=progress)
     new["meta"] = meta(setup, args)
     results = merge(old, new)
@@ -119,6 +119,8 @@ def add_arguments(p) -> None:
     p.add_argument("--speed-steps", type=int, default=5, help="training steps of every latency edit")
     p.add_argument("--speed-fill-edits", type=int, default=100, help="edits' worth of neurons for the overhead")
     p.add_argument("--speed-memory", type=int, default=15000, help="memory entries per layer for the overhead")
+    p.add_argument("--speed-fit", type=int, default=2000, help="fit triplets whose memory is repeated up to "
+                   "--speed-memory entries for the overhead (at most --triplets)")
     p.add_argument("--speed-repeats", type=int, default=20, help="timed forwards per setting")
     p.add_argument("--speed-batch", type=int, default=4, help="prompts in the timed batch")
     p.add_argument("--mid", default="1024x8", help="mid-size random config, HIDDENxLAYERS")

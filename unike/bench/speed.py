@@ -97,22 +97,67 @@ def mid_model(hidden: int = 1024, layers: int = 8, seed: int = 0):
     return AutoModelForImageTextToText.from_config(cfg).eval()
 
 
-def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int, seed: int = 0) -> dict:
-    """Overhead at 0 edits, with `edits` edits, and with `edits` edits + a `memory`-entry memory."""
+@torch.no_grad()
+def pad_memory(editor: UniKE, size: int) -> None:
+    """Repeat every layer's fitted entries up to `size` entries (the gate and the pruning basis are those
+    of the fit; a token is as close to a copy as to its original, so which tokens retrieve is unchanged
+    and the cost of retrieval is that of `size` entries)."""
+    for mem in editor.memory.values():
+        reps = -(-size // len(mem))
+        for name in ("keys", "values", "attn_values"):
+            setattr(mem, name, getattr(mem, name).repeat(reps, 1)[:size].clone())
+        mem.n_fit.fill_(len(mem))
+
+
+@torch.no_grad()
+def retrieving(editor: UniKE, model, inputs) -> float:
+    """The fraction of (token, edited layer) pairs that retrieve in one forward (the others are pruned)."""
+    fractions = []
+    for mem in editor.memory.values():
+        def counted(q, mem=mem):
+            rows = type(mem).open_rows(mem, q)
+            fractions.append(len(rows) / max(1, len(q)))
+            return rows
+        mem.open_rows = counted                  # instance attribute: shadows the method for this forward
+    try:
+        model(**inputs)
+    finally:
+        for mem in editor.memory.values():
+            del mem.open_rows
+    return sum(fractions) / max(1, len(fractions))
+
+
+def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int, seed: int = 0,
+              triplets=None) -> dict:
+    """Overhead at 0 edits; with `edits` edits; with those and a `memory`-entry memory of random entries
+    with the relevance gate off (every token retrieves: the worst case); and, given fit `triplets`, with a
+    memory fitted on them (real states of this model, the gate calibrated), repeated up to `memory` entries."""
     plain = copy.deepcopy(model)
     layers = min(UniKEConfig.layers, len(locate(model)))     # the default last 4 (all of a shallower decoder)
     editor = UniKE(model, processor, UniKEConfig(seed=seed, layers=layers))
+    extra = {}
     try:
         out = {"0_edits": overhead(plain, model, inputs, repeats)}
         fill(editor, edits=edits, seed=seed)
         out[f"{edits}_edits_no_memory"] = overhead(plain, model, inputs, repeats)
+        if triplets:
+            editor.fit(triplets, progress=False)
+            fill(editor, edits=edits, seed=seed)           # fit keeps no edits: the same neurons again
+            pad_memory(editor, memory)
+            out[f"{edits}_edits_{memory}_memory"] = overhead(plain, model, inputs, repeats)
+            extra = {"fit_triplets": len(triplets), "retrieving": retrieving(editor, model, inputs)}
+            editor.reset()
+            fill(editor, edits=edits, seed=seed)
+        for mem in editor.memory.values():
+            mem.truncate(0)
+            mem.min_similarity.fill_(-1.0)
         fill(editor, memory=memory, seed=seed + 1)
-        out[f"{edits}_edits_{memory}_memory"] = overhead(plain, model, inputs, repeats)
+        out[f"{edits}_edits_{memory}_memory_every_token"] = overhead(plain, model, inputs, repeats)
     finally:
         editor.detach()
     return {"settings": out, "batch": list(inputs["input_ids"].shape),
             "hidden": editor.stack.hidden_size, "layers": len(editor.stack), "edited_layers": editor.layer_ids,
-            "params": sum(p.numel() for p in model.parameters()), "n_neurons": editor.config.n_neurons}
+            "params": sum(p.numel() for p in model.parameters()), "n_neurons": editor.config.n_neurons, **extra}
 
 
 def state_sizes(editor: UniKE) -> dict[str, tuple[int, int]]:
@@ -201,7 +246,8 @@ def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, at: int | No
 
 def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple[int, int] = (1024, 8),
           edits: int = 100, memory: int = 15000, latency_edits: int = 1000, latency_steps: int = 5,
-          latency_at: int | None = None, repeats: int = 20, batch: int = 4, progress: bool = True) -> dict:
+          latency_at: int | None = None, repeats: int = 20, batch: int = 4, fit: int = 2000,
+          progress: bool = True) -> dict:
     """Every speed figure of one invocation (see the module docstring)."""
     cases = setup.task_cases("vqa", batch, seed)
     models = {setup.label: (setup.model, setup.processor)}
@@ -210,17 +256,22 @@ def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple
     detail = {}
     for label, (model, processor) in tqdm(models.items(), desc="forward overhead", disable=not progress):
         detail[label] = overheads(model, processor, probe_batch(model, processor, cases, batch), edits=edits,
-                                  memory=memory, repeats=repeats, seed=seed)
+                                  memory=memory, repeats=repeats, seed=seed, triplets=triplets[:fit])
     models.pop("mid", None)
     latency = edit_latency(setup, triplets, edits=latency_edits, steps=latency_steps, at=latency_at, seed=seed,
                            progress=progress)
     full = f"{edits}_edits_{memory}_memory"
     out = {
         "overhead_0_edits": {k: v["settings"]["0_edits"]["ratio"] for k, v in detail.items()},
-        f"overhead_{edits}_edits": {k: v["settings"][full]["ratio"] for k, v in detail.items()},
+        f"overhead_{edits}_edits": {k: v["settings"][full]["ratio"] for k, v in detail.items()
+                                    if full in v["settings"]},
         "overhead": detail,
-        "overhead_fill": (f"random neuron and memory buffers of the real shapes: {edits} edits x n_neurons "
-                          f"neurons per edited layer, {memory} memory entries per edited layer"),
+        f"overhead_{edits}_edits_every_token": {k: v["settings"][f"{full}_every_token"]["ratio"]
+                                                for k, v in detail.items()},
+        "overhead_fill": (f"{edits} edits x n_neurons random neurons per edited layer; the memory: fitted on "
+                          f"{min(fit, len(triplets))} triplets (this model's states, the relevance gate "
+                          f"calibrated) and repeated up to {memory} entries per edited layer; 'every_token': "
+                          f"{memory} random entries with the gate off, so every token retrieves"),
         f"latency_ratio_{latency_edits}_vs_1": latency["ratio"],
         "latency": latency,
         **({f"latency_ratio_{latency['filled']['at']}_vs_1_filled": latency["filled"]["ratio"]}
