@@ -22,8 +22,10 @@ bounded from above in a rank-r basis of the keys (Cauchy–Schwarz on the part o
 
     cos(q, k) = q_r·k_r + q_⊥·k_⊥ ≤ q_r·k_r + |q_⊥| |k_⊥|      (r = 16 numbers per entry, not d)
 
-and only tokens whose bound reaches the gate retrieve. The output is the same as with a full scan; for
-the tokens that skip, α = 0 and h_know, Σ w h_pos are zero rows. `prune = False` (or
+and only tokens whose bound reaches the gate retrieve. They re-rank exactly a shortlist of the entries
+with the best bounds, certified when its lowest bound is below the K-th exact cosine (else a full
+scan). The output is the same as with a full scan; for the tokens that skip,
+α = 0 and h_know, Σ w h_pos are zero rows. `prune = False` (or
 `UniKE.full_retrieval()`) makes every token retrieve, e.g. to steer α where the gate is shut.
 """
 from __future__ import annotations
@@ -177,6 +179,8 @@ class LatentMemory(nn.Module):
         for start in range(0, len(self), self.chunk):
             best = torch.maximum(best, (mine @ bound["parts"][start:start + self.chunk].to(q).T).amax(1))
         keep = best + BOUND_SLACK >= gate
+        if keep.float().mean() > 0.25:     # the bound prunes little here: a full scan is cheaper than shortlists
+            return every[keep], None
         return every[keep], mine[keep]
 
     @torch.no_grad()

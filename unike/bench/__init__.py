@@ -119,8 +119,8 @@ def add_arguments(p) -> None:
     p.add_argument("--speed-steps", type=int, default=5, help="training steps of every latency edit")
     p.add_argument("--speed-fill-edits", type=int, default=100, help="edits' worth of neurons for the overhead")
     p.add_argument("--speed-memory", type=int, default=15000, help="memory entries per layer for the overhead")
-    p.add_argument("--speed-fit", type=int, default=2000, help="fit triplets whose memory is repeated up to "
-                   "--speed-memory entries for the overhead (at most --triplets)")
+    p.add_argument("--speed-fit", type=int, default=2000, help="fit triplets whose memory, with random entries up to "
+                   "--speed-memory, is timed for the overhead (at most --triplets)")
     p.add_argument("--speed-repeats", type=int, default=20, help="timed forwards per setting")
     p.add_argument("--speed-batch", type=int, default=4, help="prompts in the timed batch")
     p.add_argument("--mid", default="1024x8", help="mid-size random config, HIDDENxLAYERS")

@@ -98,18 +98,6 @@ def mid_model(hidden: int = 1024, layers: int = 8, seed: int = 0):
 
 
 @torch.no_grad()
-def pad_memory(editor: UniKE, size: int) -> None:
-    """Repeat every layer's fitted entries up to `size` entries (the gate and the pruning basis are those
-    of the fit; a token is as close to a copy as to its original, so which tokens retrieve is unchanged
-    and the cost of retrieval is that of `size` entries)."""
-    for mem in editor.memory.values():
-        reps = -(-size // len(mem))
-        for name in ("keys", "values", "attn_values"):
-            setattr(mem, name, getattr(mem, name).repeat(reps, 1)[:size].clone())
-        mem.n_fit.fill_(len(mem))
-
-
-@torch.no_grad()
 def retrieving(editor: UniKE, model, inputs) -> float:
     """The fraction of (token, edited layer) pairs that retrieve in one forward (the others are pruned)."""
     fractions = []
@@ -131,7 +119,8 @@ def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int
               triplets=None) -> dict:
     """Overhead at 0 edits; with `edits` edits; with those and a `memory`-entry memory of random entries
     with the relevance gate off (every token retrieves: the worst case); and, given fit `triplets`, with a
-    memory fitted on them (real states of this model, the gate calibrated), repeated up to `memory` entries."""
+    memory fitted on them (real states of this model, the gate calibrated) and random entries up to `memory`
+    (entries far from every token, as most of a large memory is from any one token)."""
     plain = copy.deepcopy(model)
     layers = min(UniKEConfig.layers, len(locate(model)))     # the default last 4 (all of a shallower decoder)
     editor = UniKE(model, processor, UniKEConfig(seed=seed, layers=layers))
@@ -141,9 +130,8 @@ def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int
         fill(editor, edits=edits, seed=seed)
         out[f"{edits}_edits_no_memory"] = overhead(plain, model, inputs, repeats)
         if triplets:
-            editor.fit(triplets, progress=False)
-            fill(editor, edits=edits, seed=seed)           # fit keeps no edits: the same neurons again
-            pad_memory(editor, memory)
+            editor.fit(triplets, progress=False)           # drops the edits: the same neurons again
+            fill(editor, edits=edits, memory=max(0, memory - len(triplets)), seed=seed)
             out[f"{edits}_edits_{memory}_memory"] = overhead(plain, model, inputs, repeats)
             extra = {"fit_triplets": len(triplets), "retrieving": retrieving(editor, model, inputs)}
             editor.reset()
@@ -270,7 +258,7 @@ def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple
                                                 for k, v in detail.items()},
         "overhead_fill": (f"{edits} edits x n_neurons random neurons per edited layer; the memory: fitted on "
                           f"{min(fit, len(triplets))} triplets (this model's states, the relevance gate "
-                          f"calibrated) and repeated up to {memory} entries per edited layer; 'every_token': "
+                          f"calibrated) and random entries up to {memory} per edited layer; 'every_token': "
                           f"{memory} random entries with the gate off, so every token retrieves"),
         f"latency_ratio_{latency_edits}_vs_1": latency["ratio"],
         "latency": latency,
