@@ -117,8 +117,9 @@ class LatentMemory(nn.Module):
         if quantile is None or len(other) == 0:
             self.min_similarity.fill_(-1.0)
             return None
-        self.min_similarity.fill_(float(torch.quantile(self.nearest(other)[0][:, 0], quantile)))
-        best = self.nearest(h_sem)[0]
+        dev = self.keys.device         # fit collects states on the CPU; the memory may live on a GPU
+        self.min_similarity.fill_(float(torch.quantile(self.nearest(other.to(dev))[0][:, 0], quantile)))
+        best = self.nearest(h_sem.to(dev))[0]
         loo = best[:, 1] if len(self) > 1 else best[:, 0]
         return float((loo >= self.min_similarity).float().mean())
 
