@@ -287,7 +287,8 @@ class UniKE:
     @contextlib.contextmanager
     def full_retrieval(self):
         """Every token retrieves its top-K inside this block, even where the relevance gate is provably
-        shut (by default those tokens skip retrieval: α = 0 there either way, so outputs are identical).
+        shut (by default those tokens skip retrieval: α = 0 there either way, so outputs are the same, to
+        float rounding).
         Use it to read h_know for every token or to steer α where the gate is shut."""
         before = {l: m.prune for l, m in self.memory.items()}
         for m in self.memory.values():

@@ -24,8 +24,9 @@ bounded from above in a rank-r basis of the keys (Cauchy–Schwarz on the part o
 
 and only tokens whose bound reaches the gate retrieve. They re-rank exactly a shortlist of the entries
 with the best bounds, certified when its lowest bound is below the K-th exact cosine (else a full
-scan). The output is the same as with a full scan; for the tokens that skip,
-α = 0 and h_know, Σ w h_pos are zero rows. `prune = False` (or
+scan). The output is that of a full scan (to float rounding: matrix products over
+fewer rows sum in another order); a token that skips gets exactly its attention output, α = 0, and
+zero rows of h_know and Σ w h_pos. `prune = False` (or
 `UniKE.full_retrieval()`) makes every token retrieve, e.g. to steer α where the gate is shut.
 """
 from __future__ import annotations
