@@ -174,7 +174,7 @@ def speed(sp: dict) -> str:
     label = lambda m: f"{m} ({detail[m]['hidden']}×{detail[m]['layers']})" if m in detail else m  # noqa: E731
     for key in [k for k in sp if k.startswith("overhead_") and isinstance(sp[k], dict) and k != "overhead_fill"]:
         for model, value in sp[key].items():
-            target = targets.get(key if key == "overhead_0_edits" else "overhead_100_edits") if model == "mid" else None
+            target = targets.get(key) if model == "mid" else None
             lines.append(f"| {key} (forward time ÷ plain model) | {label(model)} | {value:.3f} | "
                          f"{'≤ ' + str(target) if target else '–'} |")
     lat = sp.get("latency")
