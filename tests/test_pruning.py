@@ -64,6 +64,7 @@ def test_bound_never_prunes_a_token_the_full_scan_lets_through(tiny):
         assert set(passing.tolist()) <= set(rows.tolist()), f"layer {l}: the bound pruned a passing token"
         assert len(rows) < len(q) / 2, f"layer {l}: the bound pruned little ({len(rows)} of {len(q)} open)"
         opened += len(rows)
+        assert mem.retrieved == (len(rows), len(q))           # what the last forward (in _queries) did
         coords = mem._open(q)[1]
         if coords is not None and len(rows):                 # the certified shortlist: the exact top-K set
             assert torch.equal(mem.top_indices(q[rows], coords), mem.retrieve(q[rows])[1].sort(1).values)

@@ -88,6 +88,7 @@ class LatentMemory(nn.Module):
         self.register_buffer("min_similarity", torch.tensor(-1.0))       # relevance gate (calibrate())
         self.prune = True              # skip retrieval where the bound proves the gate shut (exact)
         self._bound: dict | None = None  # the pruning bound's basis and per-entry parts, for `keys` as it is
+        self.retrieved = (0, 0)        # (tokens that retrieved, tokens) in the last forward
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -210,6 +211,7 @@ class LatentMemory(nn.Module):
         x_std = self.spaces.standardize(x2)
         q = F.normalize(x_std, dim=-1)
         rows, coords = self._open(q)
+        self.retrieved = (len(rows), n)
         idx = self.top_indices(q[rows], coords)
         sims = torch.einsum("md,mkd->mk", q[rows], self.keys.to(q)[idx])    # differentiable in x when training
         weights = torch.softmax(sims / self.temperature, dim=-1)
