@@ -24,10 +24,10 @@ bounded from above in a rank-r basis of the keys (Cauchy–Schwarz on the part o
 
 and only tokens whose bound reaches the gate retrieve. They re-rank exactly a shortlist of the entries
 with the best bounds, certified when its lowest bound is below the K-th exact cosine (else a full
-scan). The output is that of a full scan (to float rounding: matrix products over
-fewer rows sum in another order); a token that skips gets exactly its attention output, α = 0, and
-zero rows of h_know and Σ w h_pos. `prune = False` (or
-`UniKE.full_retrieval()`) makes every token retrieve, e.g. to steer α where the gate is shut.
+scan). The output is that of a full scan (to float rounding: matrix products over fewer rows sum in
+another order); a token that skips gets exactly its attention output, α = 0, and zero rows of h_know
+and Σ w h_pos. `prune = False` (or `UniKE.full_retrieval()`) makes every token retrieve, e.g. to steer
+α where the gate is shut.
 """
 from __future__ import annotations
 
@@ -96,17 +96,18 @@ class LatentMemory(nn.Module):
     @torch.no_grad()
     def add(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"], v_pos: Float[Tensor, "n d"]) -> None:
         keys = F.normalize(self.spaces.standardize(h_sem.float()), dim=-1).to(self.keys)
-        bound = self._bound if self._bound is not None and self._bound["keys"] is self.keys else None
+        bound = self._live_bound()
         self.keys = torch.cat([self.keys, keys])
         if bound is not None:          # the basis stays; the new entries get their parts in it
-            self._bound = {**bound, "keys": self.keys, "parts": torch.cat([bound["parts"], self._parts(keys, bound["basis"])])}
+            parts = torch.cat([bound["parts"], self._parts(keys, bound["basis"])])
+            self._bound = {**bound, "keys": self.keys, "parts": parts}
         self.values = torch.cat([self.values, h_pos.float().to(self.values)])
         self.attn_values = torch.cat([self.attn_values, v_pos.float().to(self.attn_values)])
 
     @torch.no_grad()
     def truncate(self, n: int) -> None:
         """Keep the first n entries (drop the edits' entries)."""
-        bound = self._bound if self._bound is not None and self._bound["keys"] is self.keys else None
+        bound = self._live_bound()
         self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
         self.attn_values = self.attn_values[:n].clone()
         self._bound = None if bound is None else {**bound, "keys": self.keys, "parts": bound["parts"][:n].clone()}
@@ -149,11 +150,16 @@ class LatentMemory(nn.Module):
         inside = keys @ basis.T
         return torch.cat([inside, (keys - inside @ basis).norm(dim=1, keepdim=True)], 1)
 
+    def _live_bound(self) -> dict | None:
+        """The bound's basis and parts if they were made for `keys` as it is now (fit, load and a rolled
+        back transaction replace `keys`, which leaves them stale)."""
+        return self._bound if self._bound is not None and self._bound["keys"] is self.keys else None
+
     @torch.no_grad()
     def _index(self) -> dict:
         """The bound's basis (top right singular vectors of the fitted keys, by a seeded randomized range
         finder) and every entry's parts; built on first use and after `keys` is replaced (fit, load)."""
-        if self._bound is None or self._bound["keys"] is not self.keys:
+        if self._live_bound() is None:
             fitted = self.keys[:int(self.n_fit)] if int(self.n_fit) else self.keys
             r = min(BOUND_RANK, *fitted.shape)
             probe = torch.randn(fitted.shape[1], r + 8, generator=torch.Generator().manual_seed(0)).to(fitted)

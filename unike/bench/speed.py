@@ -3,11 +3,11 @@
 * **Overhead**: forward time of a fixed teacher-forced batch through the model with UniKE attached,
   divided by the plain model's (an identical deep copy): timed in one process, plain and edited
   forwards alternating in adjacent pairs (order swapped every repeat) after a warm-up, under
-  `torch.inference_mode`; the median of the per-pair ratios. Measured
-  at 0 edits (hooks only), then with the buffers of `edits` edits, then with those and a `memory`-entry
-  latent memory per layer. The buffers are filled directly with random keys and values of the real
-  shapes (`edits` × n_neurons neurons per layer, `memory` entries per layer): a forward's cost depends
-  only on those sizes, not on what the edits learned.
+  `torch.inference_mode`; the median of the per-pair ratios. Measured at 0 edits (hooks only), then
+  with `edits` edits' neurons (random tensors of the real shapes: their cost depends only on the sizes),
+  then with those and a `memory`-entry latent memory per layer: fitted on real triplets and filled with
+  random entries (its cost depends on how many tokens the relevance gate's bound leaves to retrieve),
+  and, the worst case, `memory` random entries with the gate off, so that every token retrieves.
 * **Latency**: one sequence of `edits` real edits with a fixed number of training steps (no early stop),
   so every edit does the same work; the ratio is the median of the last 10 edits over the first 10.
 * **Size of an edit**: exact element and byte counts that one real edit adds to the editor's state.
