@@ -404,7 +404,7 @@ While an editor is attached, every UniKE component is a submodule of the decoder
 | module in `layers[l]` | output |
 |---|---|
 | `unike_memory.alpha` | α per token, `[tokens]`: how much retrieved knowledge is mixed in (Eq. 7) |
-| `unike_memory.know` | h_know, `[tokens, d]`: the retrieved knowledge in attention-output space (zero rows where the gate is provably shut, except inside `editor.full_retrieval()`) |
+| `unike_memory.know` | h_know, `[tokens, d]`: the retrieved knowledge in attention-output space (zero rows where the relevance gate is shut, except inside `editor.full_retrieval()`) |
 | `unike_memory.state` | Σ w·h_pos, `[tokens, d]`: the retrieved states (the same) |
 | `unike_neurons.activation` | the new neurons' activations, `[..., tokens, N]` (10 per edit) |
 | `unike_neurons.zeta_term` | β·ζ′ per edit, `[edits, d]` (Eq. 6) |
@@ -464,9 +464,11 @@ fig.colorbar(im, ax=axes[0].tolist(), label="α")
 plt.show()'''),
     ("md", """## What a query retrieves
 
-Each token's pre-attention state x retrieves its top-K (`top_k=40`) memory entries by cosine between
-standardised states; `LatentMemory.nearest(x)` returns those cosines and the entries' indices (entry i
-of the first `n_fit` is the i-th fit triplet; the edits' entries follow). Below: the question's last
+A relevant token's pre-attention state x retrieves its top-K (`top_k=40`) memory entries by cosine
+between standardised states; `LatentMemory.nearest(x)` returns those cosines and the entries' indices
+(entry i of the first `n_fit` is the i-th fit triplet; the edits' entries follow), and
+`LatentMemory.relevance(x)` the best match that the relevance gate compares (fitted entries matched in
+the memory's index, the edits' by cosine). Below: the question's last
 token at the layer where its α is largest, read with nnsight as the input of that decoder layer."""),
     ("code", '''alpha, _ = alpha_map(case.image, case.prompt)
 l = editor.layer_ids[int(alpha[:, -1].argmax())]
@@ -476,8 +478,8 @@ memory = editor.memory[l]
 sims, idx = memory.nearest(x[0, -1:])            # the question's last token
 weights = torch.softmax(sims / memory.temperature, dim=-1)[0]
 n_fit = int(memory.n_fit)
-print(f"layer {l}: α = {alpha[editor.layer_ids.index(l), -1]:.2f}; relevance gate: best cosine "
-      f"{sims[0, 0]:.3f} ≥ {memory.min_similarity.item():.3f}")
+print(f"layer {l}: α = {alpha[editor.layer_ids.index(l), -1]:.2f}; relevance gate: best match "
+      f"{memory.relevance(x[0, -1:]).item():.3f} ≥ {memory.min_similarity.item():.3f}")
 for s, w, i in zip(sims[0, :8].tolist(), weights[:8].tolist(), idx[0, :8].tolist()):
     entry = (f"fit triplet {i}: {triplets[i].question!r} -> {triplets[i].right!r}" if i < n_fit
              else f"edit {i - n_fit}: {case.prompt!r} -> {case.target!r}")
@@ -513,7 +515,7 @@ The same modules can be overwritten inside a trace. Below, the edit's prompt run
 (no external knowledge) or 1 (retrieved knowledge replaces every token's attention output), ζ′ scaled,
 and the new neurons switched off; the table shows the next-token prediction and the probabilities of the
 target and of the original answer (their first tokens), and how far the logits moved from the edited
-model's. Tokens that the relevance gate provably shuts skip retrieval (their h_know is a zero row), so
+model's. Tokens that the relevance gate shuts skip retrieval (their h_know is a zero row), so
 the traces run inside `editor.full_retrieval()`, where every token retrieves its knowledge."""),
     ("code", '''inputs = inputs_for(case.image, case.prompt)
 first = lambda answer: tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][0]  # noqa: E731

@@ -1,6 +1,6 @@
-"""The shortcuts give what the full computation gives: retrieval pruned by the rank-r bound (and its
-certified shortlist) against the full scan, and the split committed/pending neuron blocks against the
-concatenated formula, values and gradients."""
+"""The shortcuts give what the full computation gives: retrieval restricted to relevant tokens against
+every token retrieving, the relevance match through the index against its definition, and the split
+committed/pending neuron blocks against the concatenated formula, values and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ def tiny():
     model, processor = unike.load_tiny()
     world = unike.SynthWorld(seed=0)
     editor = unike.UniKE(model, processor, unike.UniKEConfig(edit_steps=10))
-    editor.fit(world.triplets(n=300, seed=3), progress=False)      # 300 entries > 4K: the bound prunes
+    editor.fit(world.triplets(n=300, seed=3), progress=False)
     cases = world.edit_cases("vqa", n=6, seed=5)
     editor.edit(cases[0])
     encs = [encode(processor, load_image(c.image), c.prompt, c.target) for c in cases]
@@ -54,40 +54,41 @@ def test_pruned_forward_equals_full_retrieval(tiny):
     assert all(m.prune for m in editor.memory.values())
 
 
-def test_bound_never_prunes_a_token_the_full_scan_lets_through(tiny):
+def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
     editor, batch = tiny
     opened = 0
     for l, q in _queries(editor, batch).items():
         mem = editor.memory[l]
-        rows = mem.open_rows(q)
-        passing = (mem.retrieve(q)[0][:, 0] >= mem.min_similarity).nonzero().squeeze(1)
-        assert set(passing.tolist()) <= set(rows.tolist()), f"layer {l}: the bound pruned a passing token"
-        assert len(rows) < len(q) / 2, f"layer {l}: the bound pruned little ({len(rows)} of {len(q)} open)"
-        opened += len(rows)
-        assert mem.retrieved == (len(rows), len(q))           # what the last forward (in _queries) did
-        coords = mem._open(q)[1]
-        if coords is not None and len(rows):                 # the certified shortlist: the exact top-K set
-            assert torch.equal(mem.top_indices(q[rows], coords), mem.retrieve(q[rows])[1].sort(1).values)
+        n_fit = int(mem.n_fit)
+        # the match by definition: fitted entries through the index, the edits' entries by exact cosine
+        want = torch.cat([(q @ mem.basis.T) @ mem.coords.T, q @ mem.keys[n_fit:].T], 1).amax(1)
+        assert torch.allclose(mem._matches(q, 1)[:, 0], want, atol=1e-6)
+        relevant = (want >= mem.min_similarity).sum()
+        assert mem.retrieved == (int(relevant), len(q))          # what the last forward (in _queries) did
+        assert relevant < len(q) / 2, f"layer {l}: {int(relevant)} of {len(q)} tokens are relevant"
+        opened += int(relevant)
     assert opened > 0, "no token retrieved: the edit's own question should"
 
 
-def test_full_retrieval_restores_pruning_after_an_error(tiny):
+def test_index_holds_the_fitted_keys_almost_whole(tiny):
     editor, _ = tiny
-    with pytest.raises(KeyError):
-        with editor.full_retrieval():
-            raise KeyError("boom")
-    assert all(m.prune for m in editor.memory.values())
+    for l, mem in editor.memory.items():
+        r = mem.basis.shape[0]
+        assert r == min(editor.config.index_rank, int(mem.n_fit), mem.keys.shape[1])
+        assert torch.allclose(mem.basis @ mem.basis.T, torch.eye(r), atol=1e-4)      # orthonormal
+        assert torch.allclose(mem.coords, mem.keys[:int(mem.n_fit)] @ mem.basis.T)
+        # the fitted keys' cosine with themselves, as the index sees it: most of it
+        assert mem.coords.norm(dim=1).pow(2).median() > 0.9, f"layer {l}: the index misses the fitted keys"
 
 
-def test_shortlist_finds_the_exact_top_k_of_near_and_far_queries(tiny):
+def test_fitted_entries_join_the_index_and_edits_are_refused_before_them(tiny):
     editor, _ = tiny
-    mem = editor.memory[editor.layer_ids[-1]]
-    gen = torch.Generator().manual_seed(0)
-    near = F.normalize(mem.keys[:20] + 0.05 * torch.randn(20, mem.keys.shape[1], generator=gen), dim=-1)
-    far = F.normalize(torch.randn(20, mem.keys.shape[1], generator=gen), dim=-1)
-    q = torch.cat([near, far])
-    coords = mem._parts(q, mem._index()["basis"])
-    assert torch.equal(mem.top_indices(q, coords), mem.retrieve(q)[1].sort(1).values)
+    mem = editor.memory[editor.layer_ids[0]]
+    d, n_fit, n = mem.keys.shape[1], int(mem.n_fit), len(mem)
+    assert n > n_fit                                              # the fixture's edit is in the memory
+    with pytest.raises(RuntimeError, match="reset"):
+        mem.add(*(torch.randn(2, d) for _ in range(3)), fitted=True)
+    assert (len(mem), int(mem.n_fit)) == (n, n_fit)              # refused before anything changed
 
 
 def _patch(d=16, n=4, edits=3, seed=0):

@@ -36,7 +36,7 @@ from .roles import last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
-MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity")
+MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity", "basis", "coords")
 NEURON_BUFFERS = ("keys", "bias", "values", "zeta", "truth")
 SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
@@ -69,8 +69,9 @@ class UniKEConfig:
     top_k: int = 40                      # paper: 40
     temperature: float = 0.1
     write_edit_to_memory: bool = True
-    relevance_quantile: float | None = 0.99  # α = 0 where the best retrieval cosine is below this quantile of
-                                             # the prompt tokens' (not question-final) best cosines; None: off
+    relevance_quantile: float | None = 0.99  # α = 0 where the best match is below this quantile of the prompt
+                                             # tokens' (not question-final) best matches; None: off
+    index_rank: int = 64                 # width of the index the relevance gate matches fitted entries in
     # collaboration
     collaboration: bool = True           # False: fixed α and no ζ (paper Table 4 row 4)
     fixed_alpha: float | None = None     # a number fixes α (Fig. 4b); None = dynamic α from the semantic space
@@ -110,7 +111,7 @@ class UniKEConfig:
         return None if self.collaboration else 0.5
 
 
-_AT_LEAST_ONE = ("n_neurons", "top_k", "encoder_hidden", "truth_dim", "encoder_batch", "min_triplets")
+_AT_LEAST_ONE = ("n_neurons", "top_k", "index_rank", "encoder_hidden", "truth_dim", "encoder_batch", "min_triplets")
 _POSITIVE = ("temperature", "encoder_tau", "edit_lr", "encoder_lr")
 _NON_NEGATIVE = ("edit_steps", "encoder_steps", "neg_memory_size", "image_negatives")
 
@@ -213,7 +214,7 @@ class UniKE:
         d = self.stack.hidden_size
         torch.manual_seed(cfg.seed)
         self.spaces = {l: Spaces(d, cfg.encoder_hidden, cfg.truth_dim) for l in self.layer_ids}
-        self.memory = {l: LatentMemory(d, self.spaces[l], cfg.top_k, cfg.temperature, cfg.alpha)
+        self.memory = {l: LatentMemory(d, self.spaces[l], cfg.top_k, cfg.temperature, cfg.alpha, cfg.index_rank)
                        for l in self.layer_ids}
         self.neurons = {l: NeuronPatch(d, cfg.n_neurons, cfg.neuron_act, cfg.beta) for l in self.layer_ids}
         self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}   # FFN inputs of fit questions
@@ -286,9 +287,9 @@ class UniKE:
 
     @contextlib.contextmanager
     def full_retrieval(self):
-        """Every token retrieves its top-K inside this block, even where the relevance gate is provably
-        shut (by default those tokens skip retrieval: α = 0 there either way, so outputs are the same, to
-        float rounding).
+        """Every token retrieves its top-K inside this block, also where the relevance gate is shut (by
+        default those tokens skip retrieval: α = 0 there either way, so outputs are the same, to float
+        rounding).
         Use it to read h_know for every token or to steer α where the gate is shut."""
         before = {l: m.prune for l, m in self.memory.items()}
         for m in self.memory.values():
@@ -505,8 +506,7 @@ class UniKE:
             self.spaces[l].to(dev)
             mem = self.memory[l]
             mem.truncate(0)
-            mem.add(st["h_sem"], st["h_pos"], st["v_pos"])
-            mem.n_fit.fill_(len(mem))
+            mem.add(st["h_sem"], st["h_pos"], st["v_pos"], fitted=True)
             mem.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
             keep = torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]
             self.negatives[l] = st["q"][keep]
@@ -809,7 +809,9 @@ class UniKE:
             neurons = [state[f"neurons.{l}.keys"].shape[1], len(state[f"neurons.{l}.bias"]),
                        len(state[f"neurons.{l}.values"]), len(state[f"neurons.{l}.zeta"]) * self.config.n_neurons]
             edits = len(state[f"neurons.{l}.zeta"]) if self.config.intrinsic else n_edits
-            if (len(set(sizes.values())) > 1 or int(state[f"memory.{l}.n_fit"]) > sizes["keys"]
+            n_fit = int(state[f"memory.{l}.n_fit"])
+            if (len(set(sizes.values())) > 1 or n_fit > sizes["keys"] or len(state[f"memory.{l}.coords"]) != n_fit
+                    or state[f"memory.{l}.coords"].shape[1] != len(state[f"memory.{l}.basis"])
                     or len(set(neurons)) > 1 or edits != n_edits
                     or state[f"neurons.{l}.truth"].numel() not in (0, self.config.truth_dim)):
                 raise ValueError(f"the saved state of layer {l} is inconsistent (memory sizes {sizes}, n_fit "

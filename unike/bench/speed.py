@@ -6,7 +6,7 @@
   `torch.inference_mode`; the median of the per-pair ratios. Measured at 0 edits (hooks only), then
   with `edits` edits' neurons (random tensors of the real shapes: their cost depends only on the sizes),
   then with those and a `memory`-entry latent memory per layer: fitted on real triplets and filled with
-  random entries (its cost depends on how many tokens the relevance gate's bound leaves to retrieve),
+  random entries (its cost depends on how many tokens the relevance gate lets retrieve),
   and, the worst case, `memory` random entries with the gate off, so that every token retrieves.
 * **Latency**: one sequence of `edits` real edits with a fixed number of training steps (no early stop),
   so every edit does the same work; the ratio is the median of the last 10 edits over the first 10.
@@ -65,7 +65,8 @@ def overhead(plain, edited, inputs, repeats: int = 20, warmup: int = 3) -> dict:
 
 @torch.no_grad()
 def fill(editor: UniKE, edits: int = 0, memory: int = 0, seed: int = 0) -> None:
-    """Add `edits` edits' worth of random neurons and `memory` random memory entries to every layer."""
+    """Add `edits` edits' worth of random neurons and `memory` random fitted memory entries (placed in the
+    index as it is) to every layer."""
     gen = torch.Generator().manual_seed(seed)
     d, n = editor.stack.hidden_size, editor.config.n_neurons
     for l in editor.layer_ids:
@@ -77,7 +78,7 @@ def fill(editor: UniKE, edits: int = 0, memory: int = 0, seed: int = 0) -> None:
             patch.pending["v"].copy_(torch.randn(n, d, generator=gen))
             patch.commit()
         if memory:
-            editor.memory[l].add(*(torch.randn(memory, d, generator=gen) for _ in range(3)))
+            editor.memory[l].add(*(torch.randn(memory, d, generator=gen) for _ in range(3)), fitted=True)
 
 
 def mid_model(hidden: int = 1024, layers: int = 8, seed: int = 0):
