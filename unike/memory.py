@@ -163,12 +163,14 @@ class LatentMemory(nn.Module):
         best = q.new_full((q.shape[0], k), float("-inf"))
         for start in range(0, len(self), self.chunk):
             end = min(start + self.chunk, len(self))
-            parts = []
-            if start < n_fit:
-                parts.append(q_r @ self.coords[start:min(end, n_fit)].to(q).T)
-            if end > n_fit:
-                parts.append(q @ self.keys[max(start, n_fit):end].to(q).T)
-            best = torch.cat([best, *parts], 1).topk(k, dim=1).values
+            for scores in ((q_r @ self.coords[start:min(end, n_fit)].to(q).T) if start < n_fit else None,
+                           (q @ self.keys[max(start, n_fit):end].to(q).T) if end > n_fit else None):
+                if scores is None:
+                    continue
+                if k == 1:                 # the forward's case: a max, not a top-k
+                    best = torch.maximum(best, scores.amax(1, keepdim=True))
+                else:
+                    best = torch.cat([best, scores], 1).topk(k, dim=1).values
         return best
 
     def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:

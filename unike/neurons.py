@@ -127,6 +127,12 @@ class NeuronPatch(nn.Module):
                     continue
             a = self.activation(x @ keys + bias)                                # [..., n_block]
             per_edit = a.unflatten(-1, (-1, self.n)).sum(-1)                    # [..., e_block]
+            if not torch.is_grad_enabled() and isinstance(self.activation, nn.ReLU):
+                # inference: an edit none of whose neurons fires on any token adds an exact zero; skip it
+                fired = per_edit.reshape(-1, e).gt(0).any(0).nonzero().squeeze(1)
+                if len(fired) < e / 2:
+                    cols = (fired[:, None] * self.n + torch.arange(self.n, device=dev)).flatten()
+                    a, values, per_edit, z = a[..., cols], values[cols], per_edit[..., fired], z[fired]
             out = out + a @ values + per_edit @ z
         return out.to(q.dtype)
 

@@ -2,14 +2,13 @@
 
 After each one-step edit, every probe prompt (without its answer) runs once through the edited model;
 at its question-final token and in every edited layer we read α (the output of the `unike_memory.alpha`
-submodule) and the best retrieval cosine of that token against the memory (the quantity the relevance
-gate thresholds). Probes about the edit (rel, t_gen, m_gen) should get a high α; unrelated ones
+submodule) and the best match of that token against the memory (`LatentMemory.relevance`: the quantity
+the relevance gate thresholds; stored under "cosine", which it is for the edits' entries). Probes about the edit (rel, t_gen, m_gen) should get a high α; unrelated ones
 (t_loc, m_loc, ci_loc, ri_loc) an α near 0.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.case import load_image
@@ -40,7 +39,7 @@ def alpha_points(editor, cases, progress: bool = True) -> dict:
                         continue      # the memory was not consulted (empty, or latent off)
                     mem = editor.memory[l]
                     x = seen[l]["x"].reshape(-1, seen[l]["x"].shape[-1])[-1:].float()
-                    cosine = mem.retrieve(F.normalize(mem.spaces.standardize(x), dim=-1))[0][0, 0]
+                    cosine = mem.relevance(x)[0]
                     points.append({"metric": p.metric, "relevant": p.metric in EDIT_METRICS, "layer": l,
                                    "alpha": round(float(seen[l]["alpha"].reshape(-1)[-1]), 5),
                                    "cosine": round(float(cosine), 5)})
@@ -50,7 +49,7 @@ def alpha_points(editor, cases, progress: bool = True) -> dict:
 
 def summary(record: dict) -> dict[tuple[int, str], dict[str, float]]:
     """Per (layer, "relevant" | "unrelated"): mean α, share of tokens with α > 0 (the gate open), mean
-    best cosine, and the count."""
+    best match, and the count."""
     out = {}
     for layer in sorted({p["layer"] for p in record["points"]}):
         for name, want in (("relevant", True), ("unrelated", False)):

@@ -1,5 +1,5 @@
 """Plots of a `results.json` (matplotlib, imported lazily): a bar chart per metric (one-step runs), the
-metrics against K (sequential runs), α against the best retrieval cosine (the relevance gate), and the
+metrics against K (sequential runs), α against the best match (the relevance gate), and the
 seconds of each edit along the latency sequence."""
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
 
 
 def alpha_plot(records: list[dict], folder: Path) -> list[Path]:
-    """α against the best retrieval cosine, relevant and unrelated probes, a panel per (task, layer),
+    """α against the best match (the relevance gate's quantity), relevant and unrelated probes, a panel per (task, layer),
     with the layer's relevance gate."""
     plt = pyplot()
     if not records:
@@ -109,7 +109,7 @@ def alpha_plot(records: list[dict], folder: Path) -> list[Path]:
             if str(layer) in rec["gate"]:
                 ax.axvline(rec["gate"][str(layer)], color="grey", lw=0.8, ls=":")
             ax.set_title(f"{rec['task']}, layer {layer}", fontsize=9)
-            ax.set_xlabel("best retrieval cosine", fontsize=8)
+            ax.set_xlabel("best match (relevance)", fontsize=8)
         row[0].set_ylabel("α at the question-final token", fontsize=8)
     axes[0][0].legend(fontsize=6, loc="upper left")
     fig.suptitle(f"α against relevance after one edit ({records[0]['model']}); dotted: the relevance gate", fontsize=9)

@@ -155,7 +155,7 @@ def alpha(records: list[dict]) -> str:
              "α at the question-final token of each probe prompt, every edited layer, after the probe's own edit. "
              "Relevant = rel, t_gen, m_gen probes; unrelated = t_loc, m_loc, ci_loc, ri_loc. "
              "Open = share of tokens with α > 0 (the relevance gate lets them through).", "",
-             "| task | source | layer | probes | mean best cosine | gate | mean α | open | count |",
+             "| task | source | layer | probes | mean best match | gate | mean α | open | count |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         for (layer, kind), s in summary(rec).items():
