@@ -64,9 +64,9 @@ def overhead(plain, edited, inputs, repeats: int = 20, warmup: int = 3) -> dict:
 
 
 @torch.no_grad()
-def fill(editor: UniKE, edits: int = 0, memory: int = 0, seed: int = 0) -> None:
-    """Add `edits` edits' worth of random neurons and `memory` random fitted memory entries (placed in the
-    index as it is) to every layer."""
+def fill(editor: UniKE, edits: int = 0, memory: int = 0, seed: int = 0, fitted: bool = True) -> None:
+    """Add `edits` edits' worth of random neurons and `memory` random memory entries to every layer: fitted
+    ones (placed in the index as it is; the editor holds no edit entries) or, `fitted=False`, edits'."""
     gen = torch.Generator().manual_seed(seed)
     d, n = editor.stack.hidden_size, editor.config.n_neurons
     for l in editor.layer_ids:
@@ -78,7 +78,7 @@ def fill(editor: UniKE, edits: int = 0, memory: int = 0, seed: int = 0) -> None:
             patch.pending["v"].copy_(torch.randn(n, d, generator=gen))
             patch.commit()
         if memory:
-            editor.memory[l].add(*(torch.randn(memory, d, generator=gen) for _ in range(3)), fitted=True)
+            editor.memory[l].add(*(torch.randn(memory, d, generator=gen) for _ in range(3)), fitted=fitted)
 
 
 def mid_model(hidden: int = 1024, layers: int = 8, seed: int = 0):
@@ -209,7 +209,7 @@ def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, at: int | No
         if at and at > edits + m:
             skipped = at - edits - m
             rows = len(editor.edited[editor.layer_ids[0]]) / edits
-            fill(editor, edits=skipped, memory=skipped, seed=seed)
+            fill(editor, edits=skipped, memory=skipped, seed=seed, fitted=False)
             fill_negatives(editor, rows, skipped, seed=seed)
             tail = timed_edits(editor, [pool[(edits + i) % len(pool)] for i in range(m)],
                                f"edits {at - m + 1}..{at} (after filling)", progress)
