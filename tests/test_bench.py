@@ -40,6 +40,9 @@ def test_results_schema_and_files(e2e):
     for key in ("overhead_0_edits", "overhead_3_edits"):
         assert set(sp[key]) == {"tiny", "mid"} and all(v > 0 for v in sp[key].values())
     assert sp["overhead"]["mid"]["hidden"] == 64 and sp["overhead"]["mid"]["layers"] == 4
+    for model in ("tiny", "mid"):       # real edits on a fitted memory, every setting timed
+        assert sp["overhead"][model]["real_edits"] == 3 and sp["overhead"][model]["fit_triplets"] > 0
+        assert len(sp["overhead"][model]["settings"]) == 4 and 0 <= sp["overhead"][model]["retrieving"] <= 1
     assert sp["latency_ratio_4_vs_1"] > 0 and len(sp["latency"]["seconds"]) == 4
     assert sp["latency"]["edit_steps"] == 5 and not sp["latency"]["early_stop"]
     assert sp["latency_ratio_8_vs_1_filled"] > 0 and len(sp["latency"]["filled"]["seconds"]) == 2

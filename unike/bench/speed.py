@@ -3,11 +3,11 @@
 * **Overhead**: forward time of a fixed teacher-forced batch through the model with UniKE attached,
   divided by the plain model's (an identical deep copy): timed in one process, plain and edited
   forwards alternating in adjacent pairs (order swapped every repeat) after a warm-up, under
-  `torch.inference_mode`; the median of the per-pair ratios. Measured at 0 edits (hooks only), then
-  with `edits` edits' neurons (random tensors of the real shapes: their cost depends only on the sizes),
-  then with those and a `memory`-entry latent memory per layer: fitted on real triplets and filled with
-  random entries (its cost depends on how many tokens the relevance gate lets retrieve),
-  and, the worst case, `memory` random entries with the gate off, so that every token retrieves.
+  `torch.inference_mode`; the median of the per-pair ratios. Measured at 0 edits (hooks only); then
+  with `edits` real edits (cases other than the probe batch) on an editor fitted on real triplets, its
+  `memory`-entry memory per layer filled with random fitted entries (the cost depends on how many tokens
+  the relevance gate lets retrieve, and on how many of the edits' neurons fire); the same with the
+  memory off; and, the worst case, the gate off, so that every token retrieves.
 * **Latency**: one sequence of `edits` real edits with a fixed number of training steps (no early stop),
   so every edit does the same work; the ratio is the median of the last 10 edits over the first 10.
 * **Size of an edit**: exact element and byte counts that one real edit adds to the editor's state.
@@ -107,30 +107,37 @@ def retrieving(editor: UniKE, model, inputs) -> float:
 
 
 def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int, seed: int = 0,
-              triplets=None) -> dict:
-    """Overhead at 0 edits; with `edits` edits; with those and a `memory`-entry memory of random entries
-    with the relevance gate off (every token retrieves: the worst case); and, given fit `triplets`, with a
-    memory fitted on them (real states of this model, the gate calibrated) and random entries up to `memory`
-    (entries far from every token, as most of a large memory is from any one token)."""
+              triplets=None, cases=None, progress: bool = True) -> dict:
+    """Overhead at 0 edits; with `edits` edits and a `memory`-entry memory per edited layer; the same with
+    the memory switched off (the neurons alone); and the worst case, the gate off so that every token
+    retrieves. Given fit `triplets` and edit `cases`, the memory is fitted on the triplets (this model's
+    states, the gate calibrated) and filled with random fitted entries up to `memory` (entries far from
+    every token, as most of a large memory is from any one token), and the edits are real (`editor.edit`,
+    which also writes their entries). Otherwise the neurons are random (N(0, 1) biases: half of them fire on
+    any token, far more than real edits' do) and the memory is random with the gate off."""
     plain = copy.deepcopy(model)
     layers = min(UniKEConfig.layers, len(locate(model)))     # the default last 4 (all of a shallower decoder)
     editor = UniKE(model, processor, UniKEConfig(seed=seed, layers=layers))
     extra = {}
     try:
         out = {"0_edits": overhead(plain, model, inputs, repeats)}
-        fill(editor, edits=edits, seed=seed)
-        out[f"{edits}_edits_no_memory"] = overhead(plain, model, inputs, repeats)
         if triplets:
-            editor.fit(triplets, progress=False)           # drops the edits: the same neurons again
-            fill(editor, edits=edits, memory=max(0, memory - len(triplets)), seed=seed)
-            out[f"{edits}_edits_{memory}_memory"] = overhead(plain, model, inputs, repeats)
-            extra = {"fit_triplets": len(triplets), "retrieving": retrieving(editor, model, inputs)}
-            editor.reset()
+            editor.fit(triplets, progress=False)
+            extra["fit_triplets"] = len(triplets)
+        fill(editor, memory=max(0, memory - len(triplets or ())), seed=seed)   # uncalibrated: every token retrieves
+        if triplets and cases:
+            for case in tqdm(cases[:edits], desc=f"{edits} real edits", disable=not progress):
+                editor.edit(case)
+            extra["real_edits"] = editor.n_edits
+        else:
             fill(editor, edits=edits, seed=seed)
+        out[f"{edits}_edits_{memory}_memory"] = overhead(plain, model, inputs, repeats)
+        extra["retrieving"] = retrieving(editor, model, inputs)
+        editor.config.latent = False
+        out[f"{edits}_edits_no_memory"] = overhead(plain, model, inputs, repeats)
+        editor.config.latent = True
         for mem in editor.memory.values():
-            mem.truncate(0)
             mem.min_similarity.fill_(-1.0)
-        fill(editor, memory=memory, seed=seed + 1)
         out[f"{edits}_edits_{memory}_memory_every_token"] = overhead(plain, model, inputs, repeats)
     finally:
         editor.detach()
@@ -228,14 +235,16 @@ def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple
           latency_at: int | None = None, repeats: int = 20, batch: int = 4, fit: int = 2000,
           progress: bool = True) -> dict:
     """Every speed figure of one invocation (see the module docstring)."""
-    cases = setup.task_cases("vqa", batch, seed)
+    total = batch + edits if setup.world is not None else min(batch + edits, len(setup.data.get("vqa", ())))
+    cases = setup.task_cases("vqa", total, seed)           # a probe batch, then the cases to edit
     models = {setup.label: (setup.model, setup.processor)}
     if setup.world is not None:
         models["mid"] = (mid_model(*mid, seed=seed), setup.processor)
     detail = {}
     for label, (model, processor) in tqdm(models.items(), desc="forward overhead", disable=not progress):
         detail[label] = overheads(model, processor, probe_batch(model, processor, cases, batch), edits=edits,
-                                  memory=memory, repeats=repeats, seed=seed, triplets=triplets[:fit])
+                                  memory=memory, repeats=repeats, seed=seed, triplets=triplets[:fit],
+                                  cases=cases[batch:], progress=progress)
     models.pop("mid", None)
     latency = edit_latency(setup, triplets, edits=latency_edits, steps=latency_steps, at=latency_at, seed=seed,
                            progress=progress)
@@ -247,10 +256,11 @@ def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple
         "overhead": detail,
         f"overhead_{edits}_edits_every_token": {k: v["settings"][f"{full}_every_token"]["ratio"]
                                                 for k, v in detail.items()},
-        "overhead_fill": (f"{edits} edits x n_neurons random neurons per edited layer; the memory: fitted on "
-                          f"{min(fit, len(triplets))} triplets (this model's states, the relevance gate "
-                          f"calibrated) and random entries up to {memory} per edited layer; 'every_token': "
-                          f"{memory} random entries with the gate off, so every token retrieves"),
+        "overhead_fill": (f"{edits} real edits (other cases than the probe batch; their neurons and memory entries) "
+                          f"on an editor fitted on {min(fit, len(triplets))} triplets (this model's states, the "
+                          f"relevance gate calibrated), its memory filled with random fitted entries up to {memory} "
+                          f"per edited layer; 'no_memory': the same with the memory off; 'every_token': the gate "
+                          f"off, so every token retrieves"),
         f"latency_ratio_{latency_edits}_vs_1": latency["ratio"],
         "latency": latency,
         **({f"latency_ratio_{latency['filled']['at']}_vs_1_filled": latency["filled"]["ratio"]}
