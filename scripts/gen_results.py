@@ -169,8 +169,8 @@ describe the committed `results.json` (rerunning with another seed changes the d
   pending neurons run as two blocks (no concatenation of 10,000 neurons per step, and the backward pass
   only through committed edits that fire) and the memory's backward reaches only the K retrieved keys;
   a new 1,000-edit sequence measured 2.03×, and 1.85× (0.35 s → 0.66 s) after the index gate and the
-  inference skip of edits that fire nowhere (the forwards without gradients got cheaper). What grows is the committed neurons' forward: at 1,000 edits
-  each edited layer of the tiny model (128 wide) carries 10,000 extra neurons, many times its own FFN,
+  inference skip of edits that fire nowhere (the forwards without gradients got cheaper). What grows is
+  the committed neurons' forward: at 1,000 edits each edited layer of the tiny model (128 wide) carries 10,000 extra neurons, many times its own FFN,
   and every training step runs through them; at a real model's width the same neurons are a small
   fraction of the FFN.
 """
