@@ -158,20 +158,22 @@ class LatentMemory(nn.Module):
         return self._matches(self._unit(x), 1)[:, 0]
 
     def _matches(self, q: Float[Tensor, "n d"], k: int) -> Float[Tensor, "n k"]:
-        """The k best matches of unit-norm standardised queries (see the module docstring), in chunks."""
-        n_fit, q_r = int(self.n_fit), q @ self.basis.to(q).T
+        """The k best matches of unit-norm standardised queries (see the module docstring)."""
         best = q.new_full((q.shape[0], k), float("-inf"))
-        for start in range(0, len(self), self.chunk):
-            end = min(start + self.chunk, len(self))
-            for scores in ((q_r @ self.coords[start:min(end, n_fit)].to(q).T) if start < n_fit else None,
-                           (q @ self.keys[max(start, n_fit):end].to(q).T) if end > n_fit else None):
-                if scores is None:
-                    continue
-                if k == 1:                 # the forward's case: a max, not a top-k
-                    best = torch.maximum(best, scores.amax(1, keepdim=True))
-                else:
-                    best = torch.cat([best, scores], 1).topk(k, dim=1).values
+        for scores in self._scores(q):
+            if k == 1:                     # the forward's case: a max, not a top-k
+                best = torch.maximum(best, scores.amax(1, keepdim=True))
+            else:
+                best = torch.cat([best, scores], 1).topk(k, dim=1).values
         return best
+
+    def _scores(self, q: Float[Tensor, "n d"]):
+        """Blocks of match scores, in chunks: the fitted entries in the index, then the edits' by cosine."""
+        n_fit, q_r = int(self.n_fit), q @ self.basis.to(q).T
+        for start in range(0, n_fit, self.chunk):
+            yield q_r @ self.coords[start:min(start + self.chunk, n_fit)].to(q).T
+        for start in range(n_fit, len(self), self.chunk):
+            yield q @ self.keys[start:start + self.chunk].to(q).T
 
     def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
         """Top-K cosine similarities and indices of unit-norm standardised queries q, computed in chunks of

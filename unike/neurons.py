@@ -10,7 +10,7 @@ trained are `pending` parameters; `commit()` freezes them into the buffers.
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -131,7 +131,7 @@ class NeuronPatch(nn.Module):
                 # inference: an edit none of whose neurons fires on any token adds an exact zero; skip it
                 fired = per_edit.reshape(-1, e).gt(0).any(0).nonzero().squeeze(1)
                 if len(fired) < e / 2:
-                    cols = (fired[:, None] * self.n + torch.arange(self.n, device=dev)).flatten()
+                    cols = self.columns(fired)
                     a, values, per_edit, z = a[..., cols], values[cols], per_edit[..., fired], z[fired]
             out = out + a @ values + per_edit @ z
         return out.to(q.dtype)
@@ -144,5 +144,9 @@ class NeuronPatch(nn.Module):
         with torch.no_grad():
             fires = (x.reshape(-1, x.shape[-1]) @ keys + bias > 0).any(0)           # [N]
             edits = fires.unflatten(0, (-1, self.n)).any(1).nonzero().squeeze(1)    # [e_fired]
-        cols = (edits[:, None] * self.n + torch.arange(self.n, device=x.device)).flatten()
+        cols = self.columns(edits)
         return keys[:, cols], bias[cols], values[cols], zeta[edits]
+
+    def columns(self, edits: Int[Tensor, "e"]) -> Int[Tensor, "e*n"]:
+        """The neuron columns of the given edits (each edit owns n consecutive ones)."""
+        return (edits[:, None] * self.n + torch.arange(self.n, device=edits.device)).flatten()

@@ -3,8 +3,9 @@
 After each one-step edit, every probe prompt (without its answer) runs once through the edited model;
 at its question-final token and in every edited layer we read α (the output of the `unike_memory.alpha`
 submodule) and the best match of that token against the memory (`LatentMemory.relevance`: the quantity
-the relevance gate thresholds; stored under "cosine", which it is for the edits' entries). Probes about the edit (rel, t_gen, m_gen) should get a high α; unrelated ones
-(t_loc, m_loc, ci_loc, ri_loc) an α near 0.
+the relevance gate thresholds; stored under "cosine", which it is for the edits' entries). Probes about
+the edit (rel, t_gen, m_gen) should get a high α; unrelated ones (t_loc, m_loc, ci_loc, ri_loc) an α
+near 0.
 """
 from __future__ import annotations
 

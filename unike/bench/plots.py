@@ -91,8 +91,8 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
 
 
 def alpha_plot(records: list[dict], folder: Path) -> list[Path]:
-    """α against the best match (the relevance gate's quantity), relevant and unrelated probes, a panel per (task, layer),
-    with the layer's relevance gate."""
+    """α against the best match (the relevance gate's quantity), relevant and unrelated probes, a panel
+    per (task, layer), with the layer's relevance gate."""
     plt = pyplot()
     if not records:
         return []

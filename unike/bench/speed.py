@@ -124,7 +124,8 @@ def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int
         if triplets:
             editor.fit(triplets, progress=False)
             extra["fit_triplets"] = len(triplets)
-        fill(editor, memory=max(0, memory - len(triplets or ())), seed=seed)   # uncalibrated: every token retrieves
+        # random fitted entries up to `memory` (without triplets the gate is off: every token retrieves)
+        fill(editor, memory=max(0, memory - len(triplets or ())), seed=seed)
         if triplets and cases:
             for case in tqdm(cases[:edits], desc=f"{edits} real edits", disable=not progress):
                 editor.edit(case)
