@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import unike
 from archs import ARCHS
-from guard import FAST, assert_same, snapshot, tiny_probe
+from guard import FAST, assert_same, logits, snapshot, tiny_probe
 from unike.editor import _sha256
 from unike.prompting import encode
 
@@ -345,3 +345,22 @@ def test_bad_mmedit_record(tmp_path, change, words):
     path.write_text(json.dumps(records))
     with pytest.raises(ValueError, match=words):
         unike.load_mmedit(path, tmp_path)
+
+
+def _without_index(state):
+    return {k: v for k, v in state.items() if not k.endswith((".basis", ".coords"))}
+
+
+def test_state_saved_before_the_index_loads_with_it_rebuilt(tiny, fresh, saved, tmp_path):
+    """An editor saved before the memory had its index (no basis / coords) loads: the index is rebuilt
+    from the saved keys, the same as the one saved with it, and the model answers as the saved editor."""
+    editor, probe = tiny[3], tiny[5]
+    model, processor, _ = fresh
+    with pytest.warns(UserWarning, match="before the latent memory had its index; rebuilding it"):
+        loaded = unike.UniKE.load(model, processor, _tamper_tensors(saved, tmp_path, _without_index))
+    try:
+        for k, v in editor.state().items():
+            assert torch.equal(loaded.state()[k], v), k
+        assert torch.equal(logits(model, probe), logits(editor.model, probe))
+    finally:
+        loaded.detach()

@@ -126,3 +126,68 @@ def test_committed_neurons_alone_are_the_formula_exactly():
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(patch(x), _reference(patch, x))
+
+
+def _sparse_patch(d=16, n=4, edits=12, seed=0):
+    """Edits whose n neurons lie close to one key (a small ρ_e) and fire only near it (a high threshold)."""
+    torch.manual_seed(seed)
+    patch = NeuronPatch(d, n)
+    for _ in range(edits):
+        k = torch.randn(d, 1) + 0.05 * torch.randn(d, n)
+        patch.begin(k, -12.0 + 0.1 * torch.randn(n), use_zeta=False)
+        patch.pending["v"].data.normal_()
+        patch.commit()
+    patch.zeta = torch.randn_like(patch.zeta)
+    return patch
+
+
+def _firing_edits(patch, x):
+    keys, bias, _, _ = patch.parts()
+    return ((x.reshape(-1, x.shape[-1]) @ keys + bias > 0).unflatten(1, (-1, patch.n)).any(2).any(0)
+            .nonzero().squeeze(1).tolist())
+
+
+def test_only_reachable_edits_run_and_the_output_is_the_formula():
+    patch = _sparse_patch()
+    x = torch.randn(2, 5, 16) * 0.3
+    x[0, 1] = 2 * patch.keys[:, 3 * patch.n]                  # fires edit 3
+    x[1, 4] = 2 * patch.keys[:, 7 * patch.n + 1]              # fires edit 7
+    reach = patch.reachable(x)
+    firing = set(_firing_edits(patch, x))
+    assert {3, 7} <= firing <= set(reach.tolist()) and len(reach) < patch.edits / 2
+    seen = []
+    handle = patch.activation.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        out = patch(x)
+    handle.remove()
+    assert seen == [torch.Size([2, 5, patch.keys.shape[1]])]      # nnsight still reads every neuron
+    assert torch.allclose(out, _reference(patch, x), atol=1e-5)
+    assert patch.reachable(torch.zeros(3, 16)).numel() == 0
+    assert torch.equal(patch(torch.zeros(3, 16)), torch.zeros(3, 16))
+
+
+def test_reachable_edits_while_training_give_the_formula_and_its_gradients():
+    patch = _sparse_patch()
+    patch.begin(torch.randn(16, 4), torch.randn(4), use_zeta=False)
+    patch.pending["v"].data.normal_()
+    x = (torch.randn(2, 5, 16) * 0.3).index_put((torch.tensor([0]), torch.tensor([2])), 2 * patch.keys[:, 5 * patch.n])
+    x.requires_grad_(True)
+    out, ref = patch(x), _reference(patch, x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(out)
+    wrt = [x, patch.pending["k"], patch.pending["b"], patch.pending["v"]]
+    for got, want in zip(torch.autograd.grad((out * g).sum(), wrt), torch.autograd.grad((ref * g).sum(), wrt)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_bound_follows_new_edits_and_keys_changed_in_place():
+    patch = _sparse_patch()
+    x = 2 * patch.keys[:, :1].T.clone()                    # fires edit 0 only
+    assert 0 in patch.reachable(x).tolist()
+    with torch.no_grad():
+        patch.keys[:, :patch.n] *= -1                      # in place: edit 0 now points away
+    assert 0 not in patch.reachable(x).tolist()
+    assert torch.allclose(patch(x), _reference(patch, x), atol=1e-5)
+    patch.begin(x.T.repeat(1, patch.n) / x.pow(2).sum(), torch.zeros(patch.n), use_zeta=False)
+    patch.commit()                                         # a new edit that fires on x
+    assert patch.edits - 1 in patch.reachable(x).tolist()

@@ -780,14 +780,32 @@ class UniKE:
             if meta["layer_ids"] != editor.layer_ids:
                 raise ValueError(f"{CONFIG_FILE} lists layers {meta['layer_ids']}, but its config gives "
                                  f"{editor.layer_ids}; save the editor again")
+            state, unindexed = editor._add_missing_index(state)
             editor._check_state(state, meta["n_edits"])
             editor._load_state(state)
+            for l in unindexed:
+                editor.memory[l].index()
         except Exception:
             editor.detach()
             raise
         editor.fitted, editor.n_edits = meta["fitted"], meta["n_edits"]
         editor._fit_questions = list(meta["fit_questions"])
         return editor
+
+    def _add_missing_index(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
+        """A state saved before the memory had its index (no `basis`/`coords` at any layer) gets empty ones,
+        to be rebuilt from the saved keys after loading (the layers returned); others pass unchanged."""
+        names = [f"memory.{l}.{k}" for l in self.layer_ids for k in ("basis", "coords")]
+        if any(k in state for k in names) or any(f"memory.{l}.n_fit" not in state for l in self.layer_ids):
+            return state, []
+        warnings.warn("this state was saved before the latent memory had its index; rebuilding it from the saved "
+                      "keys (save the editor again to store it)", stacklevel=3)
+        d = self.stack.hidden_size
+        empty = {}
+        for l in self.layer_ids:
+            empty[f"memory.{l}.basis"] = torch.zeros(0, d)
+            empty[f"memory.{l}.coords"] = torch.zeros(int(state[f"memory.{l}.n_fit"]), 0)
+        return {**state, **empty}, list(self.layer_ids)
 
     def _check_state(self, state: dict[str, Tensor], n_edits: int) -> None:
         """A saved state has this editor's tensor names and shapes (sizes that grow with fit and edits, 0 in

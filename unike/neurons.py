@@ -103,7 +103,8 @@ class NeuronPatch(nn.Module):
 
     def forward(self, q: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         """The committed and the pending neurons run as two blocks, never concatenated: while an edit
-        trains, the backward pass then reaches only its own n neurons, whatever the number committed."""
+        trains, the backward pass then reaches only its own n neurons and the committed edits that can
+        fire in q (`reachable`), whatever the number committed."""
         if self.keys.shape[1] == 0 and self.pending is None:
             return torch.zeros_like(q)
         dev, x = q.device, q.float()
@@ -111,41 +112,57 @@ class NeuronPatch(nn.Module):
         if self.pending is not None:
             zeta = torch.cat([zeta, self.pending_zeta().to(dev)])
         zeta = self.zeta_term(zeta, self.beta)                                  # [E (+1), d]
-        blocks = [(self.keys, self.bias, self.values)]
+        e, out = self.edits, 0
+        if e:
+            out = self._block(x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e], self.reachable(x))
         if self.pending is not None:
-            blocks.append((self.pending["k"], self.pending["b"], self.pending["v"]))
-        out, start = 0, 0
-        for i, (keys, bias, values) in enumerate(blocks):
-            e = keys.shape[1] // self.n
-            if e == 0:
-                continue
-            keys, bias, values, z = keys.to(dev), bias.to(dev), values.to(dev), zeta[start:start + e]
-            start += e
-            if i == 0 and self.pending is not None and x.requires_grad and isinstance(self.activation, nn.ReLU):
-                keys, bias, values, z = self.firing(x, keys, bias, values, z)
-                if keys.shape[1] == 0:
-                    continue
-            a = self.activation(x @ keys + bias)                                # [..., n_block]
-            per_edit = a.unflatten(-1, (-1, self.n)).sum(-1)                    # [..., e_block]
-            if not torch.is_grad_enabled() and isinstance(self.activation, nn.ReLU):
-                # inference: an edit none of whose neurons fires on any token adds an exact zero; skip it
-                fired = per_edit.reshape(-1, e).gt(0).any(0).nonzero().squeeze(1)
-                if len(fired) < e / 2:
-                    cols = self.columns(fired)
-                    a, values, per_edit, z = a[..., cols], values[cols], per_edit[..., fired], z[fired]
-            out = out + a @ values + per_edit @ z
+            p = self.pending
+            out = out + self._block(x, p["k"], p["b"], p["v"], zeta[e:])
         return out.to(q.dtype)
 
-    def firing(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"],
-               values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The committed edits with a neuron that fires somewhere in x (ReLU: the others add an exact zero
-        and pass no gradient). While an edit trains, the backward pass then runs through those few edits
-        instead of every committed neuron."""
-        with torch.no_grad():
-            fires = (x.reshape(-1, x.shape[-1]) @ keys + bias > 0).any(0)           # [N]
-            edits = fires.unflatten(0, (-1, self.n)).any(1).nonzero().squeeze(1)    # [e_fired]
+    def _block(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"],
+               values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, "e"] | None = None
+               ) -> Float[Tensor, "... d"]:
+        """act(x·K + b)·V + (per-edit activation)·β ζ′ of one block; given `edits`, only their neurons are
+        computed (the others' pre-activation is set to 0, so `activation` still sees every neuron)."""
+        if edits is None:
+            a = self.activation(x @ keys + bias)                                # [..., N]
+            return a @ values + a.unflatten(-1, (-1, self.n)).sum(-1) @ zeta
         cols = self.columns(edits)
-        return keys[:, cols], bias[cols], values[cols], zeta[edits]
+        pre = x @ keys[:, cols] + bias[cols]                                    # [..., e*n]
+        a = self.activation(pre.new_zeros(*pre.shape[:-1], keys.shape[1]).index_copy(-1, cols, pre))
+        per_edit = a.unflatten(-1, (-1, self.n)).sum(-1)[..., edits]            # [..., e]
+        return a[..., cols] @ values[cols] + per_edit @ zeta[edits]
+
+    @torch.no_grad()
+    def reachable(self, x: Float[Tensor, "... d"]) -> Int[Tensor, "e"] | None:
+        """The committed edits with a neuron that may fire somewhere in x; None when that is all of them (or
+        the activation is not ReLU). By Cauchy–Schwarz every neuron j of edit e has
+
+            x·k_j + b_j ≤ x·c_e + |x|·ρ_e + max_j b_j,   c_e the mean of its keys, ρ_e their largest distance to it,
+
+        so an edit whose bound is ≤ 0 on every token adds an exact zero (ReLU) and passes no gradient. An
+        edit's n neurons start from one or a few inputs, so ρ_e is small (0 for a one-token answer) and the
+        bound costs 1/n of x·K."""
+        if not isinstance(self.activation, nn.ReLU):
+            return None
+        centre, radius, top = self._bound()
+        x = x.reshape(-1, x.shape[-1])
+        upper = x @ centre.to(x.device) + x.norm(dim=-1, keepdim=True) * radius.to(x.device) + top.to(x.device)
+        edits = (upper > 0).any(0).nonzero().squeeze(1)
+        return None if len(edits) == self.edits else edits
+
+    def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, "E"], Float[Tensor, "E"]]:
+        """(c_e, ρ_e, max_j b_j) of every committed edit, kept until the keys or biases change."""
+        keys, bias, version = self.keys, self.bias, (self.keys._version, self.bias._version)
+        cached = self.__dict__.get("_bound_cache")
+        if cached is None or cached[0] is not keys or cached[1] is not bias or cached[2] != version:
+            per_edit = keys.float().unflatten(1, (-1, self.n))                   # [d, E, n]
+            centre = per_edit.mean(2)
+            radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
+            top = bias.float().unflatten(0, (-1, self.n)).amax(1)
+            cached = self._bound_cache = (keys, bias, version, (centre, radius, top))
+        return cached[3]
 
     def columns(self, edits: Int[Tensor, "e"]) -> Int[Tensor, "e*n"]:
         """The neuron columns of the given edits (each edit owns n consecutive ones)."""

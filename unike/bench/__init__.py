@@ -116,7 +116,8 @@ def add_arguments(p) -> None:
     p.add_argument("--speed-edits", type=int, default=1000, help="length of the latency sequence")
     p.add_argument("--speed-edits-at", type=int, default=None, help="also time edit number N after the "
                    "sequence, the state of the edits in between filled with random tensors of the real shapes")
-    p.add_argument("--speed-steps", type=int, default=5, help="training steps of every latency edit")
+    p.add_argument("--speed-steps", type=int, default=None, help="training steps of every latency edit "
+                   "(default: the config's edit_steps)")
     p.add_argument("--speed-fill-edits", type=int, default=100, help="edits' worth of neurons for the overhead")
     p.add_argument("--speed-memory", type=int, default=15000, help="memory entries per layer for the overhead")
     p.add_argument("--speed-fit", type=int, default=2000, help="fit triplets whose memory, with random entries up to "

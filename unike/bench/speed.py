@@ -8,8 +8,10 @@
   `memory`-entry memory per layer filled with random fitted entries (the cost depends on how many tokens
   the relevance gate lets retrieve, and on how many of the edits' neurons fire); the same with the
   memory off; and, the worst case, the gate off, so that every token retrieves.
-* **Latency**: one sequence of `edits` real edits with a fixed number of training steps (no early stop),
-  so every edit does the same work; the ratio is the median of the last 10 edits over the first 10.
+* **Latency**: one sequence of `edits` real edits, each trained for the config's `edit_steps` (or
+  `steps`) with the early stop off, so every edit does the same work; the ratio is the median of the
+  last 10 edits over the first 10. Fewer steps than the default leave edits half trained, their neurons
+  firing on most tokens: that measures a state no real sequence reaches.
 * **Size of an edit**: exact element and byte counts that one real edit adds to the editor's state.
 """
 from __future__ import annotations
@@ -192,14 +194,16 @@ def fill_negatives(editor: UniKE, rows_per_edit: float, edits: int, seed: int = 
         editor.edited[l] = torch.cat([kept, extra.to(kept)])
 
 
-def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, at: int | None = None, seed: int = 0,
-                 progress: bool = True) -> dict:
-    """Seconds of each edit in one sequence of `edits` real edits (fixed `steps` each), the last-10 /
+def edit_latency(setup: Setup, triplets, *, edits: int, steps: int | None = None, at: int | None = None,
+                 seed: int = 0, progress: bool = True) -> dict:
+    """Seconds of each edit in one sequence of `edits` real edits (`steps` each: default, the config's
+    `edit_steps`), the last-10 /
     first-10 median ratio, and the size of the first edit. With `at` > `edits`, the sequence then jumps
     to edit number `at`: the state of the edits in between is filled with random tensors of the real
     shapes (neurons, memory entries, kept negatives at the measured rate) and 10 more real edits are
     timed ("filled": what edit number `at` costs, without running every edit before it)."""
-    cfg = UniKEConfig(seed=seed, edit_steps=steps, stop_prob=2.0)   # a probability never exceeds 2: no early stop
+    # a probability never exceeds 2: no early stop
+    cfg = UniKEConfig(seed=seed, stop_prob=2.0, **({} if steps is None else {"edit_steps": steps}))
     task = "vqa" if setup.world is not None or "vqa" in setup.data else sorted(setup.data)[0]
     pool = setup.task_cases(task, edits if setup.world is not None else min(edits, len(setup.data[task])), seed)
     editor = UniKE(setup.model, setup.processor, cfg)
@@ -211,7 +215,7 @@ def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, at: int | No
                               progress, on_first=first_size)
         m = min(10, max(1, edits // 2))
         first, last = statistics.median(seconds[:m]), statistics.median(seconds[-m:])
-        out = {"ratio": last / first, "edits": edits, "edit_steps": steps, "early_stop": False,
+        out = {"ratio": last / first, "edits": edits, "edit_steps": cfg.edit_steps, "early_stop": False,
                "window": m, "first_median_s": first, "last_median_s": last,
                "seconds": [round(s, 4) for s in seconds], "per_edit": size or None, "model": setup.label}
         if at and at > edits + m:
@@ -232,7 +236,7 @@ def edit_latency(setup: Setup, triplets, *, edits: int, steps: int, at: int | No
 
 
 def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple[int, int] = (1024, 8),
-          edits: int = 100, memory: int = 15000, latency_edits: int = 1000, latency_steps: int = 5,
+          edits: int = 100, memory: int = 15000, latency_edits: int = 1000, latency_steps: int | None = None,
           latency_at: int | None = None, repeats: int = 20, batch: int = 4, fit: int = 2000,
           progress: bool = True) -> dict:
     """Every speed figure of one invocation (see the module docstring)."""
