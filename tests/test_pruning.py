@@ -91,11 +91,16 @@ def test_fitted_entries_join_the_index_and_edits_are_refused_before_them(tiny):
     assert (len(mem), int(mem.n_fit)) == (n, n_fit)              # refused before anything changed
 
 
-def _patch(d=16, n=4, edits=3, seed=0):
+def _patch(d=16, n=4, edits=3, seed=0, sparse=False):
+    """Committed random edits; `sparse`: each edit's neurons lie close to one key (a small ρ_e) and fire
+    only near it (a high threshold)."""
     torch.manual_seed(seed)
     patch = NeuronPatch(d, n)
     for _ in range(edits):
-        patch.begin(torch.randn(d, n), torch.randn(n) - 0.5, use_zeta=False)
+        if sparse:
+            patch.begin(torch.randn(d, 1) + 0.05 * torch.randn(d, n), -12.0 + 0.1 * torch.randn(n), use_zeta=False)
+        else:
+            patch.begin(torch.randn(d, n), torch.randn(n) - 0.5, use_zeta=False)
         patch.pending["v"].data.normal_()
         patch.commit()
     patch.zeta = torch.randn_like(patch.zeta)
@@ -108,11 +113,25 @@ def _reference(patch, x):
     return a @ values + a.unflatten(-1, (-1, patch.n)).sum(-1) @ (patch.beta * zeta)
 
 
-def test_neuron_blocks_match_the_concatenated_formula_with_gradients():
-    patch = _patch()
+def _dense():
+    """Random neurons: every committed edit may fire, all run."""
+    return _patch(), torch.randn(2, 5, 16)
+
+
+def _sparse():
+    """Silent edits and one input row that fires edit 5: only the reachable edits run."""
+    patch = _patch(edits=12, sparse=True)
+    x = torch.randn(2, 5, 16) * 0.3
+    x[0, 2] = 2 * patch.keys[:, 5 * patch.n]
+    return patch, x
+
+
+@pytest.mark.parametrize("case", [_dense, _sparse], ids=["every-edit", "reachable-edits"])
+def test_neuron_blocks_match_the_concatenated_formula_with_gradients(case):
+    patch, x = case()
     patch.begin(torch.randn(16, 4), torch.randn(4), use_zeta=False)
     patch.pending["v"].data.normal_()
-    x = torch.randn(2, 5, 16, requires_grad=True)
+    x.requires_grad_(True)
     out, ref = patch(x), _reference(patch, x)
     assert torch.allclose(out, ref, atol=1e-5)
     g = torch.randn_like(out)
@@ -128,19 +147,6 @@ def test_committed_neurons_alone_are_the_formula_exactly():
         assert torch.equal(patch(x), _reference(patch, x))
 
 
-def _sparse_patch(d=16, n=4, edits=12, seed=0):
-    """Edits whose n neurons lie close to one key (a small ρ_e) and fire only near it (a high threshold)."""
-    torch.manual_seed(seed)
-    patch = NeuronPatch(d, n)
-    for _ in range(edits):
-        k = torch.randn(d, 1) + 0.05 * torch.randn(d, n)
-        patch.begin(k, -12.0 + 0.1 * torch.randn(n), use_zeta=False)
-        patch.pending["v"].data.normal_()
-        patch.commit()
-    patch.zeta = torch.randn_like(patch.zeta)
-    return patch
-
-
 def _firing_edits(patch, x):
     keys, bias, _, _ = patch.parts()
     return ((x.reshape(-1, x.shape[-1]) @ keys + bias > 0).unflatten(1, (-1, patch.n)).any(2).any(0)
@@ -148,7 +154,7 @@ def _firing_edits(patch, x):
 
 
 def test_only_reachable_edits_run_and_the_output_is_the_formula():
-    patch = _sparse_patch()
+    patch = _patch(edits=12, sparse=True)
     x = torch.randn(2, 5, 16) * 0.3
     x[0, 1] = 2 * patch.keys[:, 3 * patch.n]                  # fires edit 3
     x[1, 4] = 2 * patch.keys[:, 7 * patch.n + 1]              # fires edit 7
@@ -166,22 +172,8 @@ def test_only_reachable_edits_run_and_the_output_is_the_formula():
     assert torch.equal(patch(torch.zeros(3, 16)), torch.zeros(3, 16))
 
 
-def test_reachable_edits_while_training_give_the_formula_and_its_gradients():
-    patch = _sparse_patch()
-    patch.begin(torch.randn(16, 4), torch.randn(4), use_zeta=False)
-    patch.pending["v"].data.normal_()
-    x = (torch.randn(2, 5, 16) * 0.3).index_put((torch.tensor([0]), torch.tensor([2])), 2 * patch.keys[:, 5 * patch.n])
-    x.requires_grad_(True)
-    out, ref = patch(x), _reference(patch, x)
-    assert torch.allclose(out, ref, atol=1e-5)
-    g = torch.randn_like(out)
-    wrt = [x, patch.pending["k"], patch.pending["b"], patch.pending["v"]]
-    for got, want in zip(torch.autograd.grad((out * g).sum(), wrt), torch.autograd.grad((ref * g).sum(), wrt)):
-        assert torch.allclose(got, want, atol=1e-5)
-
-
 def test_the_bound_follows_new_edits_and_keys_changed_in_place():
-    patch = _sparse_patch()
+    patch = _patch(edits=12, sparse=True)
     x = 2 * patch.keys[:, :1].T.clone()                    # fires edit 0 only
     assert 0 in patch.reachable(x).tolist()
     with torch.no_grad():
