@@ -35,6 +35,10 @@ RUNS = {  # group -> bench invocations (arguments after `unike bench`), sized fo
         ["--methods", "unike,ftlast,tpatcher", "--task", "cross", "--mode", "sequential", "--k", "10", "--n", "40"],
         ["--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "50,100", "--n", "100"],
     ],
+    "D": [  # the speed figures again after the relevance index and the reachable-edit neurons, with Table 1's
+            # VQA rows (and so every method's seconds per edit) from the same run; the mid memory fitted on 500
+        ["--methods", "main", "--task", "vqa", "--n", "50", "--speed", "--speed-fit", "500"],
+    ],
 }
 
 
