@@ -4,8 +4,9 @@
 
 Every edit adds `n` neurons (columns of K, entries of b, rows of V) and one ζ′ = W_ζ ζ, its
 truthfulness direction mapped to the hidden space. All edits of a layer live in one tensor each, so
-the cost of a forward pass does not grow with the number of modules. The neurons of the edit being
-trained are `pending` parameters; `commit()` freezes them into the buffers.
+the cost of a forward pass does not grow with the number of modules; with ReLU, only the edits whose
+neurons can fire in the batch are computed (`reachable`, a per-edit bound). The neurons of the edit
+being trained are `pending` parameters; `commit()` freezes them into the buffers.
 """
 from __future__ import annotations
 
