@@ -142,41 +142,28 @@ describe the committed `results.json` (rerunning with another seed changes the d
   mean of five (98.5 / 95.5 at K = 10 / 20; cross-task 95.4 vs UniKE's 89.9) but its CI-Loc stays at
   38–65 where UniKE's is 60–90; FT-L falls to 80–85. The paper's ordering (UniKE first) holds against
   FT-L only; against T-Patcher it holds on CI-Loc, not on the five.
-* **Forward overhead (`--speed`, same run as the `main` rows).** With UniKE attached and nothing edited a
-  forward costs 1.005× the plain model's on the mid-size config (1.02× on the tiny one): the ≤ 1.02
-  target is met. 100 edits' neurons alone: 1.06× (mid). With a 15,000-entry memory per edited layer as
-  well, every token scanning it: 1.87× (mid), 5.2× (tiny): the ≤ 1.10 target is missed. A profile of the
-  mid-size forward puts the extra time in the retrieval matmul (every token × 15,000 keys × 1,024 dims ×
-  4 layers, ≈ 45% of the model's own FLOPs at this width and depth), gathering the top-40 values (≈ 8%)
-  and top-k (≈ 2%). At MiniGPT-4's scale (4,096 wide, 32 layers, the same 4 edited layers) the same
-  memory is ≈ 3.5% of the FLOPs.
-* **Since that run: the relevance gate in an index, and real edits** (separate measurements, not in
-  the table below; CPU, one thread, ratios from one run each, noisy by about ±2%). A token whose best
-  match is below the relevance gate gets α = 0 and never uses its top-K, so only relevant tokens
-  retrieve; the match itself is measured in a rank-64 index of the fitted keys (their top principal
-  directions; the edits' entries by exact cosine, docs/method.md), 64 numbers per entry and token
-  instead of 1,024. An earlier exact variant (bound the best cosine in a rank-16 basis, retrieve where
-  the bound cannot rule the gate out) left 29–100% of the mid config's tokens open: 1.71×. The bench now
-  also makes its 100 edits for real (the random neurons it used before fire on half of all tokens; real
-  edits' neurons fire on 0.02–0.24% of them, and at inference an edit that fires nowhere in the batch
-  is skipped). On the mid config, memory fitted on 500 triplets and filled with random fitted entries to
-  15,000, 100 real edits: **1.107× and 1.125×** in two runs, against 1.034–1.037× with the memory off
-  and 0.99–1.005× with hooks only; 0.2% of (token, layer) pairs retrieve, and when every token scans
-  (the gate off) 1.84×. The ≤ 1.10 target is thus met to within the noise, not with a margin: the index
-  scan (≈ 3.4 ms of a ≈ 60 ms layer) is most of what the memory still costs. With the old random
-  neurons: 1.14×. On the tiny model (128 wide) the index is half the width and the memory costs more
-  than the layers it sits in: 2.76× (it has no target). The index gate passes the same held-out
-  questions as the exact best cosine (per layer 33/13/11/7% against 33/12/10/8%) and the tiny edit
-  scores are unchanged (VQA 100 / 100 / 98 / 98 / 98, CI-Loc 90).
-* **Edit latency.** One sequence of 1,000 real edits, 5 training steps each (no early stop): edit #1000
-  takes 2.09× edit #1 (0.48 s vs 0.23 s); target ≤ 1.2 missed. Since that run, the committed and the
-  pending neurons run as two blocks (no concatenation of 10,000 neurons per step, and the backward pass
-  only through committed edits that fire) and the memory's backward reaches only the K retrieved keys;
-  a new 1,000-edit sequence measured 2.03×, and 1.85× (0.35 s → 0.66 s) after the index gate and the
-  inference skip of edits that fire nowhere (the forwards without gradients got cheaper). What grows is
-  the committed neurons' forward: at 1,000 edits each edited layer of the tiny model (128 wide) carries 10,000 extra neurons, many times its own FFN,
-  and every training step runs through them; at a real model's width the same neurons are a small
-  fraction of the FFN.
+* **Speed (`--speed`, group D: the same run as Table 1's VQA rows and every method's seconds per edit;
+  CPU, one thread, ratios from one run, noisy by about ±2%).** Hooks only: 1.000× the plain model's
+  forward on the mid-size config (1024 × 8) and 1.011× on the tiny one: the ≤ 1.02 target is met. 100 real
+  edits on an editor fitted on 500 triplets, its memory filled with random fitted entries to 15,000 per
+  edited layer: **1.228× on mid**, the ≤ 1.10 target missed; the same edits with the memory off cost
+  1.028×, and with the relevance gate off (every token scans the memory) 1.80×. In this run 3.4% of the
+  mid probe's (token, layer) pairs passed the gate and retrieved (an earlier measurement on another
+  probe batch: 0.2% and 1.11–1.13×); each retrieving token scans every key exactly, so the memory's cost
+  depends on how many tokens pass. On the tiny model (128 wide, no target) the index is half the width
+  and the memory costs more than the layers it sits in: 2.70×, 1.45× with the memory off.
+* **Only the edits that can fire run.** A per-edit bound (the edit's mean key, the keys' spread and the
+  largest bias; docs/method.md) rules out, at 1/10 of the cost of q·K, the edits whose neurons cannot
+  fire anywhere in the batch; an edit's 10 neurons start from one input for a one-token answer, so the
+  bound is exact there. After 200 real edits of the tiny model, 0–34 edits per layer are left for a new
+  question (mostly firing on image-patch tokens in the first edited layer), the same ones that fire.
+* **Edit latency.** One sequence of 1,000 real edits at the shipped `edit_steps` (60, the early stop off;
+  measured, every edit runs all 60 anyway): edit #1000 takes **1.54×** edit #1 (2.65 s → 4.08 s, medians
+  of 10); target ≤ 1.2 missed. Earlier runs used 5 steps per edit: such half-trained edits fire on most
+  tokens of any input (70–90% of 1,000 edits on a new question), a state a real sequence never reaches;
+  that setting measured 2.09×, then 1.85×. What still grows is the committed edits that can fire during
+  training: a few percent of them, mostly on image-patch tokens, which the negatives (the edit's own
+  image, fit questions' last tokens) do not cover.
 """
 
 if __name__ == "__main__":
