@@ -128,12 +128,12 @@ class NeuronPatch(nn.Module):
         computed (the others' pre-activation is set to 0, so `activation` still sees every neuron)."""
         if edits is None:
             a = self.activation(x @ keys + bias)                                # [..., N]
-            return a @ values + a.unflatten(-1, (-1, self.n)).sum(-1) @ zeta
-        cols = self.columns(edits)
-        pre = x @ keys[:, cols] + bias[cols]                                    # [..., e*n]
-        a = self.activation(pre.new_zeros(*pre.shape[:-1], keys.shape[1]).index_copy(-1, cols, pre))
-        per_edit = a.unflatten(-1, (-1, self.n)).sum(-1)[..., edits]            # [..., e]
-        return a[..., cols] @ values[cols] + per_edit @ zeta[edits]
+        else:
+            cols = self.columns(edits)
+            pre = x @ keys[:, cols] + bias[cols]                                # [..., e*n]
+            a = self.activation(pre.new_zeros(*pre.shape[:-1], keys.shape[1]).index_copy(-1, cols, pre))[..., cols]
+            values, zeta = values[cols], zeta[edits]
+        return a @ values + a.unflatten(-1, (-1, self.n)).sum(-1) @ zeta
 
     @torch.no_grad()
     def reachable(self, x: Float[Tensor, "... d"]) -> Int[Tensor, "e"] | None:

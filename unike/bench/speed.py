@@ -196,9 +196,9 @@ def fill_negatives(editor: UniKE, rows_per_edit: float, edits: int, seed: int = 
 
 def edit_latency(setup: Setup, triplets, *, edits: int, steps: int | None = None, at: int | None = None,
                  seed: int = 0, progress: bool = True) -> dict:
-    """Seconds of each edit in one sequence of `edits` real edits (`steps` each: default, the config's
-    `edit_steps`), the last-10 /
-    first-10 median ratio, and the size of the first edit. With `at` > `edits`, the sequence then jumps
+    """Seconds of each edit in one sequence of `edits` real edits (`steps` each; default: the config's
+    `edit_steps`), the last-10 / first-10 median ratio, and the size of the first edit. With `at` >
+    `edits`, the sequence then jumps
     to edit number `at`: the state of the edits in between is filled with random tensors of the real
     shapes (neurons, memory entries, kept negatives at the measured rate) and 10 more real edits are
     timed ("filled": what edit number `at` costs, without running every edit before it)."""
