@@ -347,17 +347,17 @@ def test_bad_mmedit_record(tmp_path, change, words):
         unike.load_mmedit(path, tmp_path)
 
 
-def _without_index(state):
-    return {k: v for k, v in state.items() if not k.endswith((".basis", ".coords"))}
-
-
-def test_state_saved_before_the_index_loads_with_it_rebuilt(tiny, fresh, saved, tmp_path):
-    """An editor saved before the memory had its index (no basis / coords) loads: the index is rebuilt
-    from the saved keys, the same as the one saved with it, and the model answers as the saved editor."""
+@pytest.mark.parametrize("dropped", [(".residual",), (".basis", ".coords", ".residual")],
+                         ids=["no-residual", "no-index"])
+def test_state_saved_before_the_index_loads_with_it_rebuilt(tiny, fresh, saved, tmp_path, dropped):
+    """An editor saved before the memory's index had residuals, or before it had an index at all, loads:
+    the index is rebuilt from the saved keys, the same as the one saved with it, and the model answers as
+    the saved editor."""
     editor, probe = tiny[3], tiny[5]
     model, processor, _ = fresh
-    with pytest.warns(UserWarning, match="before the latent memory had its index; rebuilding it"):
-        loaded = unike.UniKE.load(model, processor, _tamper_tensors(saved, tmp_path, _without_index))
+    older = lambda state: {k: v for k, v in state.items() if not k.endswith(dropped)}  # noqa: E731
+    with pytest.warns(UserWarning, match="before the latent memory had its index .*; rebuilding it"):
+        loaded = unike.UniKE.load(model, processor, _tamper_tensors(saved, tmp_path, older))
     try:
         for k, v in editor.state().items():
             assert torch.equal(loaded.state()[k], v), k

@@ -56,7 +56,7 @@ def test_pruned_forward_equals_full_retrieval(tiny):
 
 def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
     editor, batch = tiny
-    opened = 0
+    opened = spared = 0
     for l, q in _queries(editor, batch).items():
         mem = editor.memory[l]
         n_fit = int(mem.n_fit)
@@ -64,10 +64,14 @@ def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
         want = torch.cat([(q @ mem.basis.T) @ mem.coords.T, q @ mem.keys[n_fit:].T], 1).amax(1)
         assert torch.allclose(mem._matches(q, 1)[:, 0], want, atol=1e-6)
         relevant = (want >= mem.min_similarity).sum()
+        assert torch.equal(mem._relevant(q), want >= mem.min_similarity)
+        # the tokens whose fitted matches cannot reach the gate (|q_r|·max|k_r| below it) skip the index scan
+        spared += int(((q @ mem.basis.T).norm(dim=1) * mem.coords.norm(dim=1).max() < mem.min_similarity).sum())
         assert mem.retrieved == (int(relevant), len(q))          # what the last forward (in _queries) did
         assert relevant < len(q) / 2, f"layer {l}: {int(relevant)} of {len(q)} tokens are relevant"
         opened += int(relevant)
     assert opened > 0, "no token retrieved: the edit's own question should"
+    assert spared > 0, "every token scanned the index: the norm bound spared none"
 
 
 def test_index_holds_the_fitted_keys_almost_whole(tiny):
@@ -89,6 +93,51 @@ def test_fitted_entries_join_the_index_and_edits_are_refused_before_them(tiny):
     with pytest.raises(RuntimeError, match="reset"):
         mem.add(*(torch.randn(2, d) for _ in range(3)), fitted=True)
     assert (len(mem), int(mem.n_fit)) == (n, n_fit)              # refused before anything changed
+
+
+def _exact(mem, q):
+    """Every entry's exact top-K (the scan), as sorted indices and similarities."""
+    sims, idx = mem._scan(q, min(mem.top_k, len(mem)))
+    return idx.sort(1).values, sims
+
+
+def test_retrieval_through_the_index_is_the_exact_top_k(tiny, monkeypatch):
+    editor, batch = tiny
+    for l, q in _queries(editor, batch).items():
+        mem = editor.memory[l]
+        n_fit = int(mem.n_fit)
+        assert torch.allclose(mem.residual, (mem.keys[:n_fit] - mem.coords @ mem.basis).norm(dim=1), atol=1e-6)
+        want = [_exact(mem, row) for row in q.split(1)]
+        with monkeypatch.context() as m:     # one token at a time, as a relevant token: shortlisted, never scanned
+            m.setattr(type(mem), "_scan", lambda *a: pytest.fail("the shortlist fell back to a scan"))
+            got = [mem.retrieve(row) for row in q.split(1)]
+        for (sims, idx), (want_idx, want_sims) in zip(got, want):
+            assert torch.equal(idx.sort(1).values, want_idx)
+            assert torch.allclose(sims, want_sims, atol=1e-6)
+        sims, idx = mem.retrieve(q)          # the whole batch (shortlisted or scanned): the same
+        assert torch.equal(idx.sort(1).values, torch.cat([i for i, _ in want]))
+
+
+@pytest.mark.parametrize("outside", [0.05, 1.0], ids=["near-the-index", "far-from-it"])
+def test_shortlist_is_exact_whatever_lies_outside_the_index(outside):
+    """Keys of rank 8 plus noise of norm ~`outside`, edits' entries appended, queries near and far from
+    the keys: the shortlisted top-K is the scan's."""
+    from unike.memory import LatentMemory
+    from unike.spaces import Spaces
+
+    torch.manual_seed(0)
+    d, n = 64, 3000
+    mem = LatentMemory(d, Spaces(d, hidden=8, truth_dim=4), top_k=10, index_rank=8)
+    mem.spaces.standardize.fit(torch.randn(100, d))
+    low = torch.randn(n, 8) @ torch.randn(8, d)
+    mem.add(low + outside * low.norm(dim=1, keepdim=True) / d ** 0.5 * torch.randn(n, d), *torch.randn(2, n, d),
+            fitted=True)
+    mem.index()
+    mem.add(*torch.randn(3, 20, d))
+    q = mem._unit(torch.cat([low[:50] + 0.1 * torch.randn(50, d), torch.randn(50, d)]))
+    for block in (q, *q.split(1)):
+        idx = mem.retrieve(block)[1]
+        assert torch.equal(idx.sort(1).values, _exact(mem, block)[0])
 
 
 def _patch(d=16, n=4, edits=3, seed=0, sparse=False):

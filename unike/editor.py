@@ -36,8 +36,10 @@ from .roles import last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
-MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity", "basis", "coords")
+INDEX_BUFFERS = ("basis", "coords", "residual")
+MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity") + INDEX_BUFFERS
 NEURON_BUFFERS = ("keys", "bias", "values", "zeta", "truth")
+POOLS = ("negatives", "answer_negatives", "prompt_negatives", "edited")   # FFN inputs the neurons are trained against
 SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
 
@@ -64,6 +66,8 @@ class UniKEConfig:
     memory_positives: bool = True        # fit inputs that are the same knowledge as the edit train the neurons to fire
     image_negatives: int = 16            # other fit questions over the edit's image, as negatives (EditCase edits)
     neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
+    prompt_negatives: int = 0            # FFN inputs at ordinary fit prompt tokens (other images' patches, question
+                                         # words) kept from fit() as negatives for the activation loss; 0: off
     # external knowledge (latent memory)
     latent: bool = True
     top_k: int = 40                      # paper: 40
@@ -113,7 +117,7 @@ class UniKEConfig:
 
 _AT_LEAST_ONE = ("n_neurons", "top_k", "index_rank", "encoder_hidden", "truth_dim", "encoder_batch", "min_triplets")
 _POSITIVE = ("temperature", "encoder_tau", "edit_lr", "encoder_lr")
-_NON_NEGATIVE = ("edit_steps", "encoder_steps", "neg_memory_size", "image_negatives")
+_NON_NEGATIVE = ("edit_steps", "encoder_steps", "neg_memory_size", "image_negatives", "prompt_negatives")
 
 
 def _conforms(value, hint) -> bool:
@@ -138,11 +142,13 @@ class FitStates:
     `layers[l]` maps each key to a tensor: h_sem, h_pos, h_neg [n, d] (pre-attention states at the
     question's last token and at the final token of question + right / wrong answer), v_pos [n, d]
     (Attn(h_pos, h_pos, h_pos)), q [n, d] (the FFN input at the question's last token), q_ans [m, d]
-    (FFN inputs inside the answers) and other [o, d] (ordinary prompt tokens, for the relevance gate).
+    (FFN inputs inside the answers), other [o, d] (ordinary prompt tokens' pre-attention states, for the
+    relevance gate) and q_other [o, d] (their FFN inputs, for `prompt_negatives`; empty unless the
+    collecting editor's config sets it).
     `questions`: the image questions (for image negatives).
     """
 
-    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other")
+    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other", "q_other")
     layers: dict[int, dict[str, Tensor]]
     questions: list[str] = field(default_factory=list)
     trained: dict = field(default_factory=dict, repr=False)   # spaces trained on these states, per setting
@@ -219,6 +225,7 @@ class UniKE:
         self.neurons = {l: NeuronPatch(d, cfg.n_neurons, cfg.neuron_act, cfg.beta) for l in self.layer_ids}
         self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}   # FFN inputs of fit questions
         self.answer_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... inside fit answers
+        self.prompt_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... at ordinary fit prompt tokens
         self.edited = {l: torch.zeros(0, d) for l in self.layer_ids}      # FFN inputs of earlier edits' targets
         self.fitted, self.n_edits, self._enabled, self._warned = False, 0, True, False
         self._fit_questions: list[str] = []      # image questions seen in fit (for image negatives)
@@ -308,7 +315,7 @@ class UniKE:
         keep = lambda t: t.clone() if t.dim() == 0 else t  # noqa: E731
         memory = {l: {k: keep(getattr(m, k)) for k in MEMORY_BUFFERS} for l, m in self.memory.items()}
         neurons = {l: {k: getattr(p, k) for k in NEURON_BUFFERS} for l, p in self.neurons.items()}
-        pools = {k: dict(getattr(self, k)) for k in ("negatives", "answer_negatives", "edited")}
+        pools = {k: dict(getattr(self, k)) for k in POOLS}
         counters = {k: getattr(self, k) for k in ("fitted", "n_edits", "_fit_questions")}
         weights = {l: {k: v.clone() for k, v in sp.state_dict().items()}
                    for l, sp in self.spaces.items()} if spaces else {}
@@ -466,6 +473,8 @@ class UniKE:
                 collected[l]["q"].append(st["q"][rows, sem].cpu())
                 collected[l]["q_ans"].append(st["q"][inside].cpu())
                 collected[l]["other"].append(st["x"][other][::7].cpu())
+                if self.config.prompt_negatives:
+                    collected[l]["q_other"].append(st["q"][other][::7].cpu())
             for l, st in self._states(neg).items():
                 collected[l]["h_neg"].append(st["h_pos"].cpu())
         states = FitStates({l: {k: torch.cat(v) if v else torch.zeros(0, self.stack.hidden_size)
@@ -488,6 +497,9 @@ class UniKE:
         self._check_count(len(states))
         cfg = self.config
         stacked = [states.layers[l] for l in self.layer_ids]
+        if cfg.prompt_negatives and not all(len(st.get("q_other", ())) for st in stacked):
+            raise ValueError("prompt_negatives needs the prompt tokens' FFN inputs, which these states lack: "
+                             "collect them with an editor whose config sets prompt_negatives")
         dev = self.device
         spaces = [self.spaces[l].cpu() for l in self.layer_ids]
         steps = cfg.encoder_steps if cfg.latent or (cfg.collaboration and cfg.zeta != "none") else 0  # α, ζ use them
@@ -512,6 +524,9 @@ class UniKE:
             self.negatives[l] = st["q"][keep]
             inside = torch.randperm(st["q_ans"].shape[0], generator=gen)[:cfg.neg_memory_size]
             self.answer_negatives[l] = st["q_ans"][inside]
+            # a generator of its own, so the other draws are the same with or without the option
+            picks = torch.randperm(len(st["q_other"]), generator=torch.Generator().manual_seed(cfg.seed + l))
+            self.prompt_negatives[l] = st["q_other"][picks[:cfg.prompt_negatives]]
             self.neurons[l].truth = self._zeta(l, st, gen).to(dev)
         self._fit_questions = list(states.questions)
         self.fitted = True
@@ -613,7 +628,7 @@ class UniKE:
         neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
         rows, cols = pos_mask.nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
-        negatives, positives, inside, groups = {}, {}, {}, []
+        negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
         pools = {l: self._negative_pool(l, states[l]["q"], neg_mask, extra and extra[l]) for l in self.layer_ids}
         keep = self._unrelated(states, rows, cols, pools)
         first = assign == 0                                       # neurons at the question's last token
@@ -629,6 +644,7 @@ class UniKE:
             keys = self._init_keys(q_pos[assign], neg, mu)
             bias = -(mu @ keys)
             inside[l] = self.answer_negatives[l].to(q)
+            prompts[l] = self.prompt_negatives[l].to(q)
             if len(inside[l]) and not first.all():   # neurons inside a multi-token answer: against fit answers
                 pool = torch.cat([inside[l], neg])
                 k_in = self._init_keys(q_pos[assign[~first]], pool, pool.mean(0))
@@ -644,6 +660,11 @@ class UniKE:
                 groups.append({"params": list(patch.w_zeta.parameters()),
                                "lr": v_lr / float(patch.truth.abs().sum().clamp_min(1e-6))})
         opt = torch.optim.Adam(groups)
+
+        def violation(z: Tensor) -> Tensor:    # mean over the violating negatives: hard ones are not diluted
+            hinge = F.relu(z + cfg.margin_neg)
+            return hinge.sum() / (hinge > 0).sum().clamp_min(1)
+
         batch = {k: v for k, v in inputs.items() if k != "labels"}
         tgt = labels[:, 1:]
         step, loss = 0, torch.zeros(())
@@ -662,12 +683,12 @@ class UniKE:
                     if len(positives[l]):
                         zp = patch.pending_preactivation(positives[l])[:, first]
                         act = act + F.relu(cfg.margin_pos - zp).mean()
-                    if len(negatives[l]):      # mean over the violating negatives: hard ones are not diluted
-                        hinge = F.relu(patch.pending_preactivation(negatives[l]) + cfg.margin_neg)
-                        neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
+                    if len(negatives[l]):
+                        neg_loss = neg_loss + violation(patch.pending_preactivation(negatives[l]))
                     if len(inside[l]) and not first.all():
-                        hinge = F.relu(patch.pending_preactivation(inside[l])[:, ~first] + cfg.margin_neg)
-                        neg_loss = neg_loss + hinge.sum() / (hinge > 0).sum().clamp_min(1)
+                        neg_loss = neg_loss + violation(patch.pending_preactivation(inside[l])[:, ~first])
+                    if len(prompts[l]):        # a term of its own: many easy rows do not dilute the others
+                        neg_loss = neg_loss + violation(patch.pending_preactivation(prompts[l]))
                 loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
                 if correct and act.item() == 0 and neg_loss.item() == 0:
                     break
@@ -712,9 +733,8 @@ class UniKE:
                 out[f"memory.{l}.{k}"] = getattr(mem, k)
             for k in ("keys", "bias", "values", "zeta", "truth"):
                 out[f"neurons.{l}.{k}"] = getattr(patch, k)
-            out[f"negatives.{l}"] = self.negatives[l]
-            out[f"answer_negatives.{l}"] = self.answer_negatives[l]
-            out[f"edited.{l}"] = self.edited[l]
+            for k in POOLS:
+                out[f"{k}.{l}"] = getattr(self, k)[l]
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def save(self, path) -> Path:
@@ -780,6 +800,8 @@ class UniKE:
             if meta["layer_ids"] != editor.layer_ids:
                 raise ValueError(f"{CONFIG_FILE} lists layers {meta['layer_ids']}, but its config gives "
                                  f"{editor.layer_ids}; save the editor again")
+            d = editor.stack.hidden_size    # saved before `prompt_negatives` existed: empty pools (its default)
+            state = {**{f"prompt_negatives.{l}": torch.zeros(0, d) for l in editor.layer_ids}, **state}
             state, unindexed = editor._add_missing_index(state)
             editor._check_state(state, meta["n_edits"])
             editor._load_state(state)
@@ -793,18 +815,20 @@ class UniKE:
         return editor
 
     def _add_missing_index(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
-        """A state saved before the memory had its index (no `basis`/`coords` at any layer) gets empty ones,
-        to be rebuilt from the saved keys after loading (the layers returned); others pass unchanged."""
-        names = [f"memory.{l}.{k}" for l in self.layer_ids for k in ("basis", "coords")]
-        if any(k in state for k in names) or any(f"memory.{l}.n_fit" not in state for l in self.layer_ids):
+        """A state saved before the memory's index had residuals (none at any layer; older ones have no index
+        at all) gets an empty index, to be rebuilt from the saved keys after loading (the layers returned);
+        others pass unchanged."""
+        if (any(f"memory.{l}.residual" in state for l in self.layer_ids)
+                or any(f"memory.{l}.n_fit" not in state for l in self.layer_ids)):
             return state, []
-        warnings.warn("this state was saved before the latent memory had its index; rebuilding it from the saved "
-                      "keys (save the editor again to store it)", stacklevel=3)
+        warnings.warn("this state was saved before the latent memory had its index (or the index's residuals); "
+                      "rebuilding it from the saved keys (save the editor again to store it)", stacklevel=3)
         d = self.stack.hidden_size
         empty = {}
         for l in self.layer_ids:
-            empty[f"memory.{l}.basis"] = torch.zeros(0, d)
-            empty[f"memory.{l}.coords"] = torch.zeros(int(state[f"memory.{l}.n_fit"]), 0)
+            n_fit = int(state[f"memory.{l}.n_fit"])
+            empty.update({f"memory.{l}.basis": torch.zeros(0, d), f"memory.{l}.coords": torch.zeros(n_fit, 0),
+                          f"memory.{l}.residual": torch.zeros(n_fit)})
         return {**state, **empty}, list(self.layer_ids)
 
     def _check_state(self, state: dict[str, Tensor], n_edits: int) -> None:
@@ -828,7 +852,8 @@ class UniKE:
                        len(state[f"neurons.{l}.values"]), len(state[f"neurons.{l}.zeta"]) * self.config.n_neurons]
             edits = len(state[f"neurons.{l}.zeta"]) if self.config.intrinsic else n_edits
             n_fit = int(state[f"memory.{l}.n_fit"])
-            if (len(set(sizes.values())) > 1 or n_fit > sizes["keys"] or len(state[f"memory.{l}.coords"]) != n_fit
+            if (len(set(sizes.values())) > 1 or n_fit > sizes["keys"]
+                    or {len(state[f"memory.{l}.{k}"]) for k in ("coords", "residual")} != {n_fit}
                     or state[f"memory.{l}.coords"].shape[1] != len(state[f"memory.{l}.basis"])
                     or len(set(neurons)) > 1 or edits != n_edits
                     or state[f"neurons.{l}.truth"].numel() not in (0, self.config.truth_dim)):
@@ -849,7 +874,7 @@ class UniKE:
                 setattr(mem, k, cast(state[f"memory.{l}.{k}"], dev))
             for k in NEURON_BUFFERS:
                 setattr(patch, k, cast(state[f"neurons.{l}.{k}"], dev))
-            for k in ("negatives", "answer_negatives", "edited"):
+            for k in POOLS:
                 getattr(self, k)[l] = cast(state[f"{k}.{l}"], "cpu")
 
 

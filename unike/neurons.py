@@ -125,13 +125,18 @@ class NeuronPatch(nn.Module):
                values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, "e"] | None = None
                ) -> Float[Tensor, "... d"]:
         """act(x·K + b)·V + (per-edit activation)·β ζ′ of one block; given `edits`, only their neurons are
-        computed (the others' pre-activation is set to 0, so `activation` still sees every neuron)."""
+        computed. Outside training the others' pre-activation is set to 0, so `activation` still sees every
+        neuron; while an edit trains it sees the computed ones only, so that no step's forward or backward
+        holds a tensor as wide as all the committed neurons."""
         if edits is None:
             a = self.activation(x @ keys + bias)                                # [..., N]
         else:
             cols = self.columns(edits)
             pre = x @ keys[:, cols] + bias[cols]                                # [..., e*n]
-            a = self.activation(pre.new_zeros(*pre.shape[:-1], keys.shape[1]).index_copy(-1, cols, pre))[..., cols]
+            if self.pending is None:
+                a = self.activation(pre.new_zeros(*pre.shape[:-1], keys.shape[1]).index_copy(-1, cols, pre))[..., cols]
+            else:
+                a = self.activation(pre)
             values, zeta = values[cols], zeta[edits]
         return a @ values + a.unflatten(-1, (-1, self.n)).sum(-1) @ zeta
 

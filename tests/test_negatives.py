@@ -1,0 +1,67 @@
+"""`prompt_negatives`: FFN inputs at ordinary fit prompt tokens (other images' patches, question words),
+kept from fit and trained against, so that an edit does not fire on unrelated images."""
+import pytest
+import torch
+
+import unike
+from unike.editor import FitStates
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = unike.load_tiny()
+    world = unike.SynthWorld(seed=0)
+    collector = unike.UniKE(model, processor, unike.UniKEConfig(prompt_negatives=1))   # collects q_other
+    states = collector.collect(world.triplets(n=300, seed=3), progress=False)
+    collector.detach()
+    cases = world.edit_cases("vqa", n=4, seed=5)
+    yield model, processor, states, cases
+
+
+def _editor(tiny, pool):
+    model, processor, states, cases = tiny
+    editor = unike.UniKE(model, processor, unike.UniKEConfig(prompt_negatives=pool))
+    editor.fit_states(states, progress=False)
+    for case in cases:
+        editor.edit(case)
+    return editor
+
+
+def _firing(editor, pool):
+    """Per layer: how many rows of `pool[l]` make some committed neuron fire."""
+    return {l: int((editor.neurons[l].preactivation(pool[l]) > 0).any(1).sum()) for l in editor.layer_ids}
+
+
+def test_prompt_negatives_are_kept_and_trained_against(tiny, tmp_path):
+    model, processor, states, _ = tiny
+    editor = _editor(tiny, 256)
+    try:
+        pool = {l: editor.prompt_negatives[l] for l in editor.layer_ids}
+        for l, rows in pool.items():
+            assert rows.shape == (256, editor.stack.hidden_size)
+            collected = states.layers[l]["q_other"]        # each row is a collected prompt token's FFN input
+            assert (rows[:, None] == collected[None]).all(-1).any(1).all()
+        assert not any(_firing(editor, pool).values()), "the edits fire on the negatives they were trained against"
+        editor.save(tmp_path / "state")
+        state = editor.state()
+    finally:
+        editor.detach()
+    again = unike.UniKE.load(model, processor, tmp_path / "state")
+    try:
+        assert all(torch.equal(again.state()[k], v) for k, v in state.items())
+    finally:
+        again.detach()
+    without = FitStates({l: {**st, "q_other": st["q_other"][:0]} for l, st in states.layers.items()})
+    editor = unike.UniKE(model, processor, unike.UniKEConfig(prompt_negatives=256))
+    try:
+        with pytest.raises(ValueError, match="collect them with an editor whose config sets prompt_negatives"):
+            editor.fit_states(without, progress=False)
+        assert not editor.fitted and len(editor.memory[editor.layer_ids[0]]) == 0   # refused before any change
+    finally:
+        editor.detach()
+    plain = _editor(tiny, 0)                                # the default keeps none, and its edits do fire there
+    try:
+        assert all(len(p) == 0 for p in plain.prompt_negatives.values())
+        assert sum(_firing(plain, pool).values()) > 0
+    finally:
+        plain.detach()
