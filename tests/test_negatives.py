@@ -1,5 +1,5 @@
-"""`prompt_negatives`: FFN inputs at ordinary fit prompt tokens (other images' patches, question words),
-kept from fit and trained against, so that an edit does not fire on unrelated images."""
+"""`prompt_negatives`: FFN inputs at the image tokens of fit prompts (other images' patches), kept from
+fit and trained against, so that an edit does not fire on unrelated images."""
 import pytest
 import torch
 
@@ -39,7 +39,7 @@ def test_prompt_negatives_are_kept_and_trained_against(tiny, tmp_path):
         pool = {l: editor.prompt_negatives[l] for l in editor.layer_ids}
         for l, rows in pool.items():
             assert rows.shape == (256, editor.stack.hidden_size)
-            collected = states.layers[l]["q_other"]        # each row is a collected prompt token's FFN input
+            collected = states.layers[l]["q_other"]        # each row is a collected image token's FFN input
             assert (rows[:, None] == collected[None]).all(-1).any(1).all()
         assert not any(_firing(editor, pool).values()), "the edits fire on the negatives they were trained against"
         editor.save(tmp_path / "state")

@@ -32,7 +32,7 @@ from .locate import LocateError, locate
 from .memory import LatentMemory
 from .neurons import NeuronPatch
 from .prompting import IGNORE, answer_tokens, collate, device_of, encode, on_model, pad_id_of
-from .roles import last_index, last_prompt_index, target_positions
+from .roles import image_mask, image_token_id, last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
@@ -66,8 +66,8 @@ class UniKEConfig:
     memory_positives: bool = True        # fit inputs that are the same knowledge as the edit train the neurons to fire
     image_negatives: int = 16            # other fit questions over the edit's image, as negatives (EditCase edits)
     neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
-    prompt_negatives: int = 0            # FFN inputs at ordinary fit prompt tokens (other images' patches, question
-                                         # words) kept from fit() as negatives for the activation loss; 0: off
+    prompt_negatives: int = 0            # FFN inputs at the image tokens of fit prompts (other images' patches) kept
+                                         # from fit() as negatives for the activation loss; 0: off
     # external knowledge (latent memory)
     latent: bool = True
     top_k: int = 40                      # paper: 40
@@ -143,8 +143,8 @@ class FitStates:
     question's last token and at the final token of question + right / wrong answer), v_pos [n, d]
     (Attn(h_pos, h_pos, h_pos)), q [n, d] (the FFN input at the question's last token), q_ans [m, d]
     (FFN inputs inside the answers), other [o, d] (ordinary prompt tokens' pre-attention states, for the
-    relevance gate) and q_other [o, d] (their FFN inputs, for `prompt_negatives`; empty unless the
-    collecting editor's config sets it).
+    relevance gate) and q_other [p, d] (FFN inputs at every 7th image token, for `prompt_negatives`;
+    empty unless the collecting editor's config sets it).
     `questions`: the image questions (for image negatives).
     """
 
@@ -225,7 +225,7 @@ class UniKE:
         self.neurons = {l: NeuronPatch(d, cfg.n_neurons, cfg.neuron_act, cfg.beta) for l in self.layer_ids}
         self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}   # FFN inputs of fit questions
         self.answer_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... inside fit answers
-        self.prompt_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... at ordinary fit prompt tokens
+        self.prompt_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... at fit prompts' image tokens
         self.edited = {l: torch.zeros(0, d) for l in self.layer_ids}      # FFN inputs of earlier edits' targets
         self.fitted, self.n_edits, self._enabled, self._warned = False, 0, True, False
         self._fit_questions: list[str] = []      # image questions seen in fit (for image negatives)
@@ -473,8 +473,9 @@ class UniKE:
                 collected[l]["q"].append(st["q"][rows, sem].cpu())
                 collected[l]["q_ans"].append(st["q"][inside].cpu())
                 collected[l]["other"].append(st["x"][other][::7].cpu())
-                if self.config.prompt_negatives:
-                    collected[l]["q_other"].append(st["q"][other][::7].cpu())
+                if self.config.prompt_negatives:                  # other images' patches
+                    patches = other & image_mask(pos["input_ids"], image_token_id(self.model, self.processor))
+                    collected[l]["q_other"].append(st["q"][patches][::7].cpu())
             for l, st in self._states(neg).items():
                 collected[l]["h_neg"].append(st["h_pos"].cpu())
         states = FitStates({l: {k: torch.cat(v) if v else torch.zeros(0, self.stack.hidden_size)
@@ -498,8 +499,9 @@ class UniKE:
         cfg = self.config
         stacked = [states.layers[l] for l in self.layer_ids]
         if cfg.prompt_negatives and not all(len(st.get("q_other", ())) for st in stacked):
-            raise ValueError("prompt_negatives needs the prompt tokens' FFN inputs, which these states lack: "
-                             "collect them with an editor whose config sets prompt_negatives")
+            raise ValueError("prompt_negatives needs FFN inputs at the fit prompts' image tokens, which these states "
+                             "lack: collect them with an editor whose config sets prompt_negatives (from a model "
+                             "whose input_ids mark image tokens)")
         dev = self.device
         spaces = [self.spaces[l].cpu() for l in self.layer_ids]
         steps = cfg.encoder_steps if cfg.latent or (cfg.collaboration and cfg.zeta != "none") else 0  # α, ζ use them
