@@ -164,6 +164,17 @@ describe the committed `results.json` (rerunning with another seed changes the d
   that setting measured 2.09×, then 1.85×. What still grows is the committed edits that can fire during
   training: a few percent of them, mostly on image-patch tokens, which the negatives (the edit's own
   image, fit questions' last tokens) do not cover.
+* **Measured after this run (scratch runs on the next commits, CPU, one thread; not in results.json, so
+  not in the table above).** Retrieval is now an exact top-K shortlisted through the index (each
+  fitted key's residual outside it bounds its cosine), and a token whose fitted matches cannot reach the
+  gate (|q_r|·max|k_r| below it) skips the index scan. The mid config with the same 100 real edits and
+  15,000-entry memory (the same probe, 3.4% of pairs retrieving): **1.074×** (1.100× with the shortlist
+  alone; 1.228× in this run), 1.020× with the memory off: the ≤ 1.10 target is met. A relevant token's
+  shortlist holds 55–76 of the 15,000 entries. Edit latency, one 1,000-edit sequence of the default
+  config: 1.85× (1.99 s → 3.68 s; the last 10 faster than this run's 4.08 s, the first 10 too): still
+  missed. While edit #301 trains, 43–125 of the 300 committed edits per layer can fire, 65–81% of them
+  on image tokens only; with `prompt_negatives=4096` (other images' patches as negatives, off by
+  default; docs/method.md) 10–24.
 """
 
 if __name__ == "__main__":
