@@ -36,8 +36,7 @@ from .roles import image_mask, image_token_id, last_index, last_prompt_index, ta
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
-INDEX_BUFFERS = ("basis", "coords", "residual")
-MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity") + INDEX_BUFFERS
+MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity", "basis", "coords", "residual")
 NEURON_BUFFERS = ("keys", "bias", "values", "zeta", "truth")
 POOLS = ("negatives", "answer_negatives", "prompt_negatives", "edited")   # FFN inputs the neurons are trained against
 SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
@@ -733,7 +732,7 @@ class UniKE:
             mem, patch = self.memory[l], self.neurons[l]
             for k in MEMORY_BUFFERS:
                 out[f"memory.{l}.{k}"] = getattr(mem, k)
-            for k in ("keys", "bias", "values", "zeta", "truth"):
+            for k in NEURON_BUFFERS:
                 out[f"neurons.{l}.{k}"] = getattr(patch, k)
             for k in POOLS:
                 out[f"{k}.{l}"] = getattr(self, k)[l]
@@ -802,9 +801,7 @@ class UniKE:
             if meta["layer_ids"] != editor.layer_ids:
                 raise ValueError(f"{CONFIG_FILE} lists layers {meta['layer_ids']}, but its config gives "
                                  f"{editor.layer_ids}; save the editor again")
-            d = editor.stack.hidden_size    # saved before `prompt_negatives` existed: empty pools (its default)
-            state = {**{f"prompt_negatives.{l}": torch.zeros(0, d) for l in editor.layer_ids}, **state}
-            state, unindexed = editor._add_missing_index(state)
+            state, unindexed = editor._upgrade(state)
             editor._check_state(state, meta["n_edits"])
             editor._load_state(state)
             for l in unindexed:
@@ -816,16 +813,18 @@ class UniKE:
         editor._fit_questions = list(meta["fit_questions"])
         return editor
 
-    def _add_missing_index(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
-        """A state saved before the memory's index had residuals (none at any layer; older ones have no index
-        at all) gets an empty index, to be rebuilt from the saved keys after loading (the layers returned);
-        others pass unchanged."""
+    def _upgrade(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
+        """What a state saved by an older version lacks: empty `prompt_negatives` pools (the option's
+        default) and, where the memory's index has no residuals (none at any layer; older states have no
+        index at all), an empty index, to be rebuilt from the saved keys after loading (the layers
+        returned). Other states pass unchanged."""
+        d = self.stack.hidden_size
+        state = {**{f"prompt_negatives.{l}": torch.zeros(0, d) for l in self.layer_ids}, **state}
         if (any(f"memory.{l}.residual" in state for l in self.layer_ids)
                 or any(f"memory.{l}.n_fit" not in state for l in self.layer_ids)):
             return state, []
         warnings.warn("this state was saved before the latent memory had its index (or the index's residuals); "
                       "rebuilding it from the saved keys (save the editor again to store it)", stacklevel=3)
-        d = self.stack.hidden_size
         empty = {}
         for l in self.layer_ids:
             n_fit = int(state[f"memory.{l}.n_fit"])
