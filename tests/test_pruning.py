@@ -232,3 +232,16 @@ def test_the_bound_follows_new_edits_and_keys_changed_in_place():
     patch.begin(x.T.repeat(1, patch.n) / x.pow(2).sum(), torch.zeros(patch.n), use_zeta=False)
     patch.commit()                                         # a new edit that fires on x
     assert patch.edits - 1 in patch.reachable(x).tolist()
+
+
+def test_gathered_neurons_are_reused_between_steps_and_follow_changes():
+    patch, x = _sparse()
+    patch.begin(torch.randn(16, 4), torch.randn(4), use_zeta=False)      # training: the compact path
+    out = patch(x)
+    kept = patch._gather_cache[3]
+    assert torch.equal(patch(x), out) and patch._gather_cache[3] is kept     # the next step reuses the copies
+    with torch.no_grad():
+        patch.values.mul_(2)                                                 # in place: copied again
+    assert torch.allclose(patch(x), _reference(patch, x), atol=1e-5) and patch._gather_cache[3] is not kept
+    patch.commit()
+    assert torch.allclose(patch(x), _reference(patch, x), atol=1e-5)

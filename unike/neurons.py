@@ -131,13 +131,13 @@ class NeuronPatch(nn.Module):
         if edits is None:
             a = self.activation(x @ keys + bias)                                # [..., N]
         else:
-            cols = self.columns(edits)
-            pre = x @ keys[:, cols] + bias[cols]                                # [..., e*n]
+            cols, keys_e, bias_e, values_e = self._gathered(keys, bias, values, edits)
+            pre = x @ keys_e + bias_e                                           # [..., e*n]
             if self.pending is None:
                 a = self.activation(pre.new_zeros(*pre.shape[:-1], keys.shape[1]).index_copy(-1, cols, pre))[..., cols]
             else:
                 a = self.activation(pre)
-            values, zeta = values[cols], zeta[edits]
+            values, zeta = values_e, zeta[edits]
         return a @ values + a.unflatten(-1, (-1, self.n)).sum(-1) @ zeta
 
     @torch.no_grad()
@@ -168,6 +168,18 @@ class NeuronPatch(nn.Module):
             radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
             top = bias.float().unflatten(0, (-1, self.n)).amax(1)
             cached = self._bound_cache = (keys, bias, version, (centre, radius, top))
+        return cached[3]
+
+    def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"], values: Float[Tensor, "N d"],
+                  edits: Int[Tensor, "e"]) -> tuple[Int[Tensor, "e*n"], Tensor, Tensor, Tensor]:
+        """(columns, K, b, V) of the given edits' neurons, kept while the edits and the tensors stay the same:
+        between the steps of one edit the reachable set rarely changes, so the copies are made once."""
+        tensors, version = (keys, bias, values), tuple(t._version for t in (keys, bias, values))
+        cached = self.__dict__.get("_gather_cache")
+        if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
+                or not torch.equal(cached[2], edits)):
+            cols = self.columns(edits)
+            cached = self._gather_cache = (tensors, version, edits, (cols, keys[:, cols], bias[cols], values[cols]))
         return cached[3]
 
     def columns(self, edits: Int[Tensor, "e"]) -> Int[Tensor, "e*n"]:
