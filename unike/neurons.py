@@ -173,7 +173,7 @@ class NeuronPatch(nn.Module):
     def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"], values: Float[Tensor, "N d"],
                   edits: Int[Tensor, "e"]) -> tuple[Int[Tensor, "e*n"], Tensor, Tensor, Tensor]:
         """(columns, K, b, V) of the given edits' neurons, kept while the edits and the tensors stay the same:
-        between the steps of one edit the reachable set rarely changes, so the copies are made once."""
+        between the steps of one edit the reachable set often does, and the copies are then made once."""
         tensors, version = (keys, bias, values), tuple(t._version for t in (keys, bias, values))
         cached = self.__dict__.get("_gather_cache")
         if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
