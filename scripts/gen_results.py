@@ -166,8 +166,9 @@ describe the committed `results.json` (rerunning with another seed changes the d
   while edit #301 trains, 43–125 of the 300 per layer; while edit #993 trains, 103 / 413 / 581 / 458 of
   the 990 in layers 2 / 3 / 4 / 5, each on 3–5 of the question's 25 tokens (the bound is exact there).
   The first edited layer sees the unedited model's states; the deeper ones see states moved by the
-  neurons firing below them, while every edit's negatives were collected on the unedited model (the same
-  drift is the likely cause of the K = 100 locality collapse above). With `prompt_negatives=4096` (other
+  neurons firing below them, while every edit's negatives were collected on the unedited model
+  (negatives refreshed from the edited model recover K = 100's Rel, Gen and T-Loc in a scratch test, not
+  its M-Loc, CI-Loc or RI-Loc; docs/method.md). With `prompt_negatives=4096` (other
   images' patches as negatives, off by default; docs/method.md) 10–24 of 300 can fire, and a scratch
   1,000-edit sequence measured 1.006× (2.98 s → 3.00 s), but CI-Loc falls on 5 of 8 settings measured, so
   it is not the default. Reusing the gathered columns (bit-identical) saved 4.18 → 3.91 s per edit at 990
