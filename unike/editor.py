@@ -465,6 +465,8 @@ class UniKE:
             other[rows, sem] = False
             inside = target_positions(pos["labels"])             # positions inside the answer that predict a token
             inside[rows, sem] = False
+            if self.config.prompt_negatives:                      # other images' patches
+                patches = other & image_mask(pos["input_ids"], image_token_id(self.model, self.processor))
             for l, st in self._states(pos).items():
                 collected[l]["h_sem"].append(st["h_sem"].cpu())
                 collected[l]["h_pos"].append(st["h_pos"].cpu())
@@ -472,8 +474,7 @@ class UniKE:
                 collected[l]["q"].append(st["q"][rows, sem].cpu())
                 collected[l]["q_ans"].append(st["q"][inside].cpu())
                 collected[l]["other"].append(st["x"][other][::7].cpu())
-                if self.config.prompt_negatives:                  # other images' patches
-                    patches = other & image_mask(pos["input_ids"], image_token_id(self.model, self.processor))
+                if self.config.prompt_negatives:
                     collected[l]["q_other"].append(st["q"][patches][::7].cpu())
             for l, st in self._states(neg).items():
                 collected[l]["h_neg"].append(st["h_pos"].cpu())

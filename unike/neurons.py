@@ -160,26 +160,29 @@ class NeuronPatch(nn.Module):
 
     def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, "E"], Float[Tensor, "E"]]:
         """(c_e, ρ_e, max_j b_j) of every committed edit, kept until the keys or biases change."""
-        keys, bias, version = self.keys, self.bias, (self.keys._version, self.bias._version)
-        cached = self.__dict__.get("_bound_cache")
-        if cached is None or cached[0] is not keys or cached[1] is not bias or cached[2] != version:
-            per_edit = keys.float().unflatten(1, (-1, self.n))                   # [d, E, n]
+        def bound():
+            per_edit = self.keys.float().unflatten(1, (-1, self.n))                # [d, E, n]
             centre = per_edit.mean(2)
             radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
-            top = bias.float().unflatten(0, (-1, self.n)).amax(1)
-            cached = self._bound_cache = (keys, bias, version, (centre, radius, top))
-        return cached[3]
+            return centre, radius, self.bias.float().unflatten(0, (-1, self.n)).amax(1)
+        return self._kept("_bound_cache", (self.keys, self.bias), bound)
 
     def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"], values: Float[Tensor, "N d"],
                   edits: Int[Tensor, "e"]) -> tuple[Int[Tensor, "e*n"], Tensor, Tensor, Tensor]:
         """(columns, K, b, V) of the given edits' neurons, kept while the edits and the tensors stay the same:
         between the steps of one edit the reachable set often does, and the copies are then made once."""
-        tensors, version = (keys, bias, values), tuple(t._version for t in (keys, bias, values))
-        cached = self.__dict__.get("_gather_cache")
-        if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
-                or not torch.equal(cached[2], edits)):
+        def gather():
             cols = self.columns(edits)
-            cached = self._gather_cache = (tensors, version, edits, (cols, keys[:, cols], bias[cols], values[cols]))
+            return cols, keys[:, cols], bias[cols], values[cols]
+        return self._kept("_gather_cache", (keys, bias, values), gather, edits)
+
+    def _kept(self, name: str, tensors: tuple[Tensor, ...], make, edits: Tensor | None = None):
+        """make(), kept in `self.<name>` until one of `tensors` is replaced or changed in place, or `edits` differ."""
+        version = tuple(t._version for t in tensors)
+        cached = self.__dict__.get(name)
+        if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
+                or (edits is not None and not torch.equal(cached[2], edits))):
+            cached = self.__dict__[name] = (tensors, version, edits, make())
         return cached[3]
 
     def columns(self, edits: Int[Tensor, "e"]) -> Int[Tensor, "e*n"]:
