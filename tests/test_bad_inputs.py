@@ -117,13 +117,21 @@ def test_bad_record_or_config_is_refused(make, error, words):
         make()
 
 
-@pytest.mark.parametrize("layers", [7, 0, [0, 6], [], [-7]])
+@pytest.mark.parametrize("layers", [0, [0, 6], [], [-7]])
 def test_layers_out_of_range(fresh, layers):
     model, processor, probe = fresh
     before = snapshot(model, probe)
     with pytest.raises(ValueError, match="out of range for a decoder of 6 layers; pass a count in 1..6"):
         unike.UniKE(model, processor, unike.UniKEConfig(layers=layers))
     assert_same(before, snapshot(model, probe))
+
+
+def test_more_layers_than_the_decoder_has_edits_all_with_a_warning(fresh):
+    model, processor, _ = fresh
+    with pytest.warns(UserWarning, match="layers=7 but the decoder has 6 layers: editing all 6"):
+        editor = unike.UniKE(model, processor, unike.UniKEConfig(layers=7))
+    assert editor.layer_ids == list(range(6)) and editor.config.layers == 6
+    editor.detach()
 
 
 def test_second_editor_on_the_same_layers_is_refused(tiny):

@@ -75,3 +75,36 @@ def test_base_row(setup):
     model, processor, world, _ = setup
     s = unike.evaluate(model, world.edit_cases("vqa", n=10, seed=11), processor=processor, progress=False)
     assert s["rel"] <= 10 and s["t_loc"] == 100 and s["m_loc"] == 100
+
+
+def _greedy(model, processor, probes):
+    return [unike.answer(model, processor, image, prompt) for image, prompt in probes]
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_unrelated_answers_after_20_edits(setup, task):
+    """What a user sees: the greedy answers of 30 never-edited cases' questions (text-only, another image,
+    their own image) after 20 sequential edits. No answer may run on past where it stopped before (the
+    defect was edits' answer-internal neurons firing at every answer's end: "moss" -> "moss the desert
+    the ..."), and the edited answers themselves stop. Measured with answers that changed at all (single
+    words, edits leaking into questions of the same fact): 3/90 after captions, 15/90 after VQA edits; the
+    target is 0 (issue: lifelong locality)."""
+    model, processor, world, editor = setup
+    cases = world.edit_cases("vqa", n=30, seed=77)
+    probes = [p for c in cases for p in ((None, c.loc_prompt), (c.mloc_image, c.mloc_prompt), (c.image, c.prompt))]
+    editor.reset()
+    with editor.disabled():
+        before = _greedy(model, processor, probes)
+    edits = world.edit_cases(task, n=20, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in edits:
+            editor.edit(case)
+    after = _greedy(model, processor, probes)
+    edited = [unike.answer(model, processor, c.image, c.prompt) for c in edits]
+    editor.reset()
+    longer = [(b, a) for b, a in zip(before, after) if len(a.split()) > len(b.split())]
+    assert not longer, f"answers ran on after {task} edits: {longer[:5]}"
+    assert all(len(e.split()) <= len(c.target.split()) for e, c in zip(edited, edits)), edited
+    changed = sum(a != b for a, b in zip(before, after))
+    assert changed <= {"caption": 6, "vqa": 20}[task], f"{changed}/90 unrelated answers changed"

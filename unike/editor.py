@@ -15,7 +15,7 @@ import os
 import types
 import typing
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -31,8 +31,8 @@ from .inputs import edit_inputs
 from .locate import LocateError, locate
 from .memory import LatentMemory
 from .neurons import NeuronPatch
-from .prompting import IGNORE, answer_tokens, collate, device_of, encode, on_model, pad_id_of
-from .roles import image_mask, image_token_id, last_index, last_prompt_index, target_positions
+from .prompting import IGNORE, answer_tokens, collate, device_of, encode, eos_id_of, on_model, pad_id_of
+from .roles import answer_end_index, image_mask, image_token_id, last_index, last_prompt_index, target_positions
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
@@ -141,7 +141,7 @@ class FitStates:
     `layers[l]` maps each key to a tensor: h_sem, h_pos, h_neg [n, d] (pre-attention states at the
     question's last token and at the final token of question + right / wrong answer), v_pos [n, d]
     (Attn(h_pos, h_pos, h_pos)), q [n, d] (the FFN input at the question's last token), q_ans [m, d]
-    (FFN inputs inside the answers), other [o, d] (ordinary prompt tokens' pre-attention states, for the
+    (FFN inputs inside the answers and at their final token), other [o, d] (ordinary prompt tokens' pre-attention states, for the
     relevance gate) and q_other [p, d] (FFN inputs at every 7th image token, for `prompt_negatives`;
     empty unless the collecting editor's config sets it).
     `questions`: the image questions (for image negatives).
@@ -211,6 +211,9 @@ class UniKE:
         except LocateError as err:
             raise LocateError(f"{err}\nwith UniKE, pass that path as UniKEConfig(layers_path=...)") from None
         n = len(self.stack)
+        if isinstance(cfg.layers, int) and cfg.layers > n:
+            warnings.warn(f"layers={cfg.layers} but the decoder has {n} layers: editing all {n}", stacklevel=2)
+            self.config = cfg = replace(cfg, layers=n)
         ids = list(range(n - cfg.layers, n)) if isinstance(cfg.layers, int) else sorted(cfg.layers)
         if not ids or any(not -n <= i < n for i in ids) or (isinstance(cfg.layers, int) and not 0 < cfg.layers <= n):
             raise ValueError(f"layers={cfg.layers!r} is out of range for a decoder of {n} layers; "
@@ -351,7 +354,9 @@ class UniKE:
         batch = {k: v for k, v in inputs.items() if k != "labels"}
         with self.disabled():
             self.model(**batch)
-        sem, fin = last_prompt_index(inputs["attention_mask"], inputs["labels"]), last_index(inputs["attention_mask"])
+        sem = last_prompt_index(inputs["attention_mask"], inputs["labels"])
+        fin = answer_end_index(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                               eos_id_of(self.model, self.processor))
         rows = torch.arange(len(sem), device=sem.device)
         out = {}
         for l in self.layer_ids:
@@ -457,6 +462,7 @@ class UniKE:
         """`collect` from batches of (question + right answer, question + wrong answer) inputs with labels."""
         self._check_attached()
         collected = {l: {k: [] for k in FitStates.KEYS} for l in self.layer_ids}
+        eos = eos_id_of(self.model, self.processor)
         for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
             pos, neg = self._inputs(pos), self._inputs(neg)
             sem = last_prompt_index(pos["attention_mask"], pos["labels"])
@@ -465,6 +471,8 @@ class UniKE:
             other[rows, sem] = False
             inside = target_positions(pos["labels"])             # positions inside the answer that predict a token
             inside[rows, sem] = False
+            inside[rows, answer_end_index(pos["input_ids"], pos["attention_mask"], pos["labels"], eos)] = True  # and
+            # its end, which predicts the end of the answer: an edit must not fire there, or answers run on
             if self.config.prompt_negatives:                      # other images' patches
                 patches = other & image_mask(pos["input_ids"], image_token_id(self.model, self.processor))
             for l, st in self._states(pos).items():
@@ -628,7 +636,10 @@ class UniKE:
         labels = inputs["labels"]
         pos_mask = target_positions(labels)                       # positions that predict target tokens
         neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
-        rows, cols = pos_mask.nonzero(as_tuple=True)
+        # the neurons sit where answer tokens are predicted; the answer's end (predicting EOS) only trains
+        # through the loss: its state is the same "answer ends" state as every other answer's
+        ends = pos_mask & (F.pad(labels[:, 1:], (0, 1), value=IGNORE) == eos_id_of(self.model, self.processor))
+        rows, cols = (pos_mask & ~ends if (pos_mask & ~ends).any() else pos_mask).nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
         negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
         pools = {l: self._negative_pool(l, states[l]["q"], neg_mask, extra and extra[l]) for l in self.layer_ids}
@@ -669,13 +680,13 @@ class UniKE:
 
         batch = {k: v for k, v in inputs.items() if k != "labels"}
         tgt = labels[:, 1:]
-        step, loss = 0, torch.zeros(())
+        loss = torch.zeros(())
         with frozen(self.model), torch.enable_grad():
-            for step in tqdm(range(1, cfg.edit_steps + 1), desc="edit", disable=not progress):
+            for step in tqdm(range(cfg.edit_steps + 1), desc="edit", disable=not progress):
                 logits = self.model(**batch).logits[:, -labels.shape[1]:][:, :-1].float()
                 ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE)
                 probs = logits.softmax(-1)[tgt != IGNORE].gather(-1, tgt[tgt != IGNORE][:, None])
-                correct = bool((probs > cfg.stop_prob).all())
+                reached = bool((probs > cfg.stop_prob).all())          # every target token (and EOS) generated
                 act = neg_loss = torch.zeros((), device=logits.device)
                 for l in self.layer_ids:
                     patch = self.neurons[l]
@@ -692,14 +703,21 @@ class UniKE:
                     if len(prompts[l]):        # a term of its own: many easy rows do not dilute the others
                         neg_loss = neg_loss + violation(patch.pending_preactivation(prompts[l]))
                 loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
-                if correct and act.item() == 0 and neg_loss.item() == 0:
+                held = act.item() == 0 and neg_loss.item() == 0         # both margins, at every layer
+                if (reached and held) or step == cfg.edit_steps:
                     break
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         for l in self.layer_ids:
             self.neurons[l].commit()
-        return {"steps": step, "loss": loss.item()}
+        info = {"steps": step, "loss": loss.item(), "reached": reached, "margins_held": held,
+                "target_prob": probs.min().item()}
+        if not reached:
+            warnings.warn(f"the edit did not reach its target in {step} steps (lowest target-token probability "
+                          f"{info['target_prob']:.2f}): its answer may differ from the target; raise "
+                          "UniKEConfig.edit_steps or edit_lr", stacklevel=4)
+        return info
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def reset(self) -> "UniKE":

@@ -104,6 +104,14 @@ def pad_id_of(processor) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
+def eos_id_of(model, processor=None) -> int | None:
+    """The end-of-sequence id: the processor's tokenizer's, else the model's generation config's (first)."""
+    eos = getattr(tokenizer_of(processor), "eos_token_id", None) if processor is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+
+
 def device_of(module) -> torch.device:
     """Where `module` computes. Under accelerate's `device_map` its weights may wait on the "meta" device
     (offloaded to CPU or disk) between calls: then the device its hook brings them to; else the device

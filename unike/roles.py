@@ -52,6 +52,17 @@ def last_index(attention_mask: Int[Tensor, "b t"]) -> Int[Tensor, "b"]:
     return last_prompt_index(attention_mask, None)
 
 
+def answer_end_index(input_ids: Int[Tensor, "b t"], attention_mask: Int[Tensor, "b t"],
+                     labels: Int[Tensor, "b t"], eos_id: int | None) -> Int[Tensor, "b"]:
+    """Position of each row's final answer token: the last real token, or the one before it where that is
+    a labelled end-of-sequence token (an answer trained to stop)."""
+    end = last_index(attention_mask)
+    if eos_id is None:
+        return end
+    rows = torch.arange(len(end), device=end.device)
+    return end - ((input_ids[rows, end] == eos_id) & (labels[rows, end] != IGNORE)).long()
+
+
 def target_positions(labels: Int[Tensor, "b t"]) -> Bool[Tensor, "b t"]:
     """Positions whose logits predict an answer token (the answer mask shifted left by one)."""
     mask = answer_mask(labels)
