@@ -89,6 +89,21 @@ def test_generation_with_and_without_cache_agree(tiny, cases, grace):
         assert torch.equal(*ids), prompt
 
 
+def test_a_generated_position_defers_with_and_without_cache(tiny, cases, grace):
+    """An edit keyed on "<question> <its answer>": the answer's position is a generated one, which a
+    cached step sees alone and an uncached step sees inside the whole sequence; both defer there."""
+    model, processor = tiny
+    c = cases[0]
+    first = _answer(model, processor, c.image, c.prompt)
+    new = "tundra" if first != "tundra" else "desert"
+    grace.edit(unike.EditCase(image=c.image, prompt=f"{c.prompt} {first}", target=new))
+    inputs = on_model(encode(processor, load_image(c.image), c.prompt), model)
+    outs = [model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=cache,
+                           pad_token_id=pad_id_of(processor)) for cache in (True, False)]
+    assert torch.equal(*outs)
+    assert _answer(model, processor, c.image, c.prompt) == f"{first} {new}"
+
+
 def test_lifecycle_is_exact(tiny, cases):
     model, processor = tiny
     state = {k: v.clone() for k, v in model.state_dict().items()}
