@@ -56,9 +56,9 @@ class GRACE:
         self.layer = layer % n
         self.module = model.get_submodule(module) if module else _down_projection(self.stack[self.layer].mlp)
         self.model, self.processor, self.eps_init, self.lr, self.steps = model, processor, eps, lr, steps
-        self.keys = self.values = self.eps = None     # [N, d_in], [N, d_out], [N] once an edit is made
-        self.labels: list[tuple[int, ...]] = []
-        self._enabled, self._pending = True, None      # _pending: (entry, value being trained)
+        self.keys = self.values = self.eps = None      # [N, d_in], [N, d_out], [N]: set by the first edit
+        self.labels: list[tuple[int, ...]] = []         # the target token ids of each entry
+        self._enabled, self._pending = True, None      # _pending: (entry, its value in training, key position)
         self.hooks: Hooks | None = Hooks()
         self.hooks.forward(self.module, self._defer)
 
@@ -77,17 +77,18 @@ class GRACE:
         return dist.min(-1)
 
     def _defer(self, module, args, out):
-        if not self._enabled or self.keys is None:
+        if not self._enabled or not self.labels:
             return None
         x = args[0].reshape(-1, args[0].shape[-1])
         dist, idx = self.nearest(x)
         hit = dist <= self.eps[idx]
+        values = self.values
+        if self._pending is not None:              # training: the key token takes the entry being trained
+            i, v, at = self._pending
+            hit[-at], idx[-at] = True, i
+            values = values.index_put((torch.tensor([i], device=v.device),), v[None])
         if not hit.any():
             return None
-        values = self.values
-        if self._pending is not None:
-            i, v = self._pending
-            values = values.index_put((torch.tensor([i], device=v.device),), v[None])
         flat = out.reshape(-1, out.shape[-1])
         return torch.where(hit[:, None], values[idx].to(out.dtype), flat).reshape(out.shape)
 
@@ -106,16 +107,14 @@ class GRACE:
         return x.reshape(-1, x.shape[-1])[-at].float(), width
 
     def _add(self, key: Tensor, value: Tensor, eps: float, label: tuple) -> int:
-        row = lambda t: t[None]  # noqa: E731
-        cat = lambda old, new: row(new) if old is None else torch.cat([old, row(new)])  # noqa: E731
-        self.keys, self.values = cat(self.keys, key), cat(self.values, value)
-        self.eps = cat(self.eps, key.new_tensor(eps))
+        self.keys, self.values = torch.cat([self.keys, key[None]]), torch.cat([self.values, value[None]])
+        self.eps = torch.cat([self.eps, key.new_tensor([eps])])
         self.labels.append(label)
         return len(self.labels) - 1
 
     def _update(self, query: Tensor, label: tuple, value: Tensor) -> tuple[int, str]:
         """GRACE's codebook rules; the entry whose value trains, and which rule applied."""
-        if self.keys is None:
+        if not self.labels:
             return self._add(query, value, self.eps_init, label), "new"
         dist, i = (t.item() for t in self.nearest(query[None]))
         if dist > self.eps_init + self.eps[i]:
@@ -140,11 +139,14 @@ class GRACE:
         if labels.shape[0] != 1:
             raise ValueError(f"GRACE edits one fact at a time (one key each): pass one row, not {labels.shape[0]}")
         answer = (labels[0] != IGNORE).nonzero()[:, 0]
-        query, width = self._query(inputs, labels.shape[1] - int(answer[0]) + 1)   # the last prompt token
+        at = labels.shape[1] - int(answer[0]) + 1            # the last prompt token, from the end
+        query, width = self._query(inputs, at)
+        if not self.labels:
+            self.keys, self.values, self.eps = (query.new_zeros(shape) for shape in ((0, len(query)), (0, width), 0))
         entry, rule = self._update(query, tuple(labels[0, answer].tolist()),
                                    torch.rand(width, device=query.device))        # EasyEdit's cold init
         value = nn.Parameter(self.values[entry].clone())
-        self._pending, opt, tgt = (entry, value), torch.optim.Adam([value], lr=self.lr), labels[:, 1:]
+        self._pending, opt, tgt = (entry, value, at), torch.optim.Adam([value], lr=self.lr), labels[:, 1:]
         try:
             with only_trainable(self.model, []), torch.enable_grad():
                 for step in tqdm(range(self.steps + 1), desc="edit", disable=not progress):
