@@ -55,8 +55,9 @@ def test_edit_reaches_target_and_keeps_unrelated_answers(tiny, cases, grace):
 def test_codebook_rules(tiny, cases):
     model, processor = tiny
     a = cases[0]
-    d = (_query(GRACE(model, processor), a.image, a.rephrase_prompt) - _query(GRACE(model, processor), a.image,
-                                                                              a.prompt)).norm().item()
+    probe = GRACE(model, processor)
+    d = (_query(probe, a.image, a.rephrase_prompt) - _query(probe, a.image, a.prompt)).norm().item()
+    probe.detach()
     other = "tundra" if a.target != "tundra" else "desert"
     rephrased = unike.EditCase(image=a.image, prompt=a.rephrase_prompt, target=a.target)
     # ε_init < d ≤ 2 ε_init: the rephrase lies beyond the first key's radius but within reach
