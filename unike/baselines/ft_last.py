@@ -30,6 +30,11 @@ def only_trainable(model: nn.Module, params: Iterable[nn.Parameter]):
             p.grad = None
 
 
+def answer_logits(model: nn.Module, inputs: dict, labels: Tensor) -> Tensor:
+    """Float32 logits at the positions that predict `labels[:, 1:]` (the model may prepend positions)."""
+    return model(**inputs).logits[:, -labels.shape[1]:][:, :-1].float()
+
+
 class FTLast:
     """Fine-tuning of `locate(model)[-1].mlp`: Adam at `lr` on the cross-entropy of the target tokens for
     at most `steps` steps, stopping as soon as every target token is the argmax. Edits accumulate
@@ -70,7 +75,7 @@ class FTLast:
         step, loss = 0, torch.zeros(())
         with only_trainable(self.model, self.params.values()), torch.enable_grad():
             for step in tqdm(range(self.steps + 1), desc="edit", disable=not progress):
-                logits = self.model(**inputs).logits[:, -labels.shape[1]:][:, :-1].float()
+                logits = answer_logits(self.model, inputs, labels)
                 loss = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE)
                 if step == self.steps or bool((logits.argmax(-1)[mask] == tgt[mask]).all()):
                     break

@@ -5,7 +5,7 @@ Every method has `.model`, `.processor`, `edit(case)`, `reset()`, `disabled()` a
 
 * ``base`` — the unedited model;
 * ``unike`` — UniKE with the default `UniKEConfig`;
-* ``ftlast``, ``tpatcher``, ``promptike``, ``latentike`` — the baselines of `unike.baselines`;
+* ``ftlast``, ``tpatcher``, ``grace``, ``promptike``, ``latentike`` — the baselines of `unike.baselines`;
 * ablations through `UniKEConfig` (paper Table 4, Fig. 4): ``intrin-only``, ``latent-only``,
   ``intrin+prompt-ike`` (prompt IKE around an intrinsic-only UniKE), ``no-collab``, ``zeta-none``,
   ``zeta-random``, ``zeta-semantic`` and ``alpha-<x>`` (a fixed α = x in [0, 1]).
@@ -20,13 +20,14 @@ import torch
 from ..editor import UniKE, UniKEConfig
 from ..metrics import Unedited
 
-MAIN = ("base", "ftlast", "tpatcher", "promptike", "latentike", "unike")
+MAIN = ("base", "ftlast", "tpatcher", "grace", "promptike", "latentike", "unike")
 ABLATIONS = ("intrin-only", "latent-only", "intrin+prompt-ike", "no-collab")
 ZETAS = ("zeta-none", "zeta-random", "zeta-semantic")
 ALPHAS = ("alpha-0.0", "alpha-0.2", "alpha-0.4", "alpha-0.6", "alpha-0.8")
 GROUPS = {"main": MAIN, "ablations": ABLATIONS, "zeta": ZETAS, "alpha": ALPHAS,
           "all": MAIN + ABLATIONS + ZETAS + ALPHAS}
-BASELINES = {"ftlast": "FTLast", "tpatcher": "TPatcher", "promptike": "PromptIKE", "latentike": "LatentIKE"}
+BASELINES = {"ftlast": "FTLast", "tpatcher": "TPatcher", "grace": "GRACE", "promptike": "PromptIKE",
+             "latentike": "LatentIKE"}
 VARIANTS = {  # UniKEConfig switches of each UniKE variant
     "unike": {}, "intrin-only": {"latent": False}, "latent-only": {"intrinsic": False},
     "no-collab": {"collaboration": False}, "zeta-none": {"zeta": "none"}, "zeta-random": {"zeta": "random"},
@@ -74,8 +75,8 @@ def baselines_module():
     try:
         from .. import baselines
     except ImportError as err:
-        raise ImportError(f"the baselines (ftlast, tpatcher, promptike, latentike) need unike.baselines, which "
-                          f"could not be imported ({err}); run only UniKE and its ablations, e.g. "
+        raise ImportError(f"the baselines (ftlast, tpatcher, grace, promptike, latentike) need unike.baselines, "
+                          f"which could not be imported ({err}); run only UniKE and its ablations, e.g. "
                           "--methods unike,ablations") from err
     return baselines
 

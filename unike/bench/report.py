@@ -10,8 +10,8 @@ FIVE = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 HARD = ("ci_loc", "ri_loc")
 HEAD = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc",
         "ci_loc": "CI-Loc", "ri_loc": "RI-Loc"}
-NAMES = {"base": "Base model", "ftlast": "FT (last layer)", "tpatcher": "T-Patcher", "promptike": "IKE (prompt)",
-         "latentike": "Latent IKE", "unike": "**UniKE**", "intrin-only": "1 only Intrin",
+NAMES = {"base": "Base model", "ftlast": "FT (last layer)", "tpatcher": "T-Patcher", "grace": "GRACE",
+         "promptike": "IKE (prompt)", "latentike": "Latent IKE", "unike": "**UniKE**", "intrin-only": "1 only Intrin",
          "latent-only": "2 only Latent-IKE", "intrin+prompt-ike": "3 Intrin + IKE (prompt)",
          "no-collab": "4 Intrin + Latent-IKE (no collaboration)", "zeta-none": "no ζ", "zeta-random": "random ζ",
          "zeta-semantic": "semantic ζ"}
