@@ -192,8 +192,9 @@ def test_mmedit_errors(world, tmp_path):
         load_mmedit(tmp_path / "nope.json", tmp_path)
 
 
-V1_FIELDS = ("image", "prompt", "target", "ground_truth", "rephrase_prompt", "rephrase_image", "loc_prompt", "loc_answer",
-             "mloc_image", "mloc_prompt", "mloc_answer", "ci_prompt", "ci_answer", "ri_image", "ri_answer", "task", "meta")
+V1_FIELDS = ("image", "prompt", "target", "ground_truth", "rephrase_prompt", "rephrase_image", "loc_prompt",
+             "loc_answer", "mloc_image", "mloc_prompt", "mloc_answer", "ci_prompt", "ci_answer", "ri_image",
+             "ri_answer", "task", "meta")
 
 
 def v1_digest(world) -> str:

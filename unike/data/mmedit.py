@@ -2,8 +2,8 @@
 
 Record fields: `src` (prompt), `pred` (the model's original answer), `alt` (edit target), `rephrase`,
 `image`, `image_rephrase`, `loc`, `loc_ans`, `m_loc` (image), `m_loc_q`, `m_loc_a`. Files written by
-`SynthWorld.export_mmedit` also carry `ci`, `ci_ans`, `ri_image`, `ri_ans`, `port`, `port_ans`. Images stay paths (opened
-lazily by `EditCase.resolved()` / `load_image`); their existence is checked here.
+`SynthWorld.export_mmedit` also carry `ci`, `ci_ans`, `ri_image`, `ri_ans`, `port`, `port_ans`. Images stay
+paths (opened lazily by `EditCase.resolved()` / `load_image`); their existence is checked here.
 """
 from __future__ import annotations
 

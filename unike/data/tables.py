@@ -54,7 +54,8 @@ TWO_HOP_QUESTIONS = {  # "the capital of this creature's country": after an edit
     "country": ("what is the capital of the home country of this creature ?",
                 "which city is the capital of the country this creature comes from ?",
                 "name the capital city of the country where this creature is from ."),
-    "habitat": ("what is the climate where this creature lives ?", "how is the weather in the habitat of this creature ?",
+    "habitat": ("what is the climate where this creature lives ?",
+                "how is the weather in the habitat of this creature ?",
                 "which climate does the home of this creature have ?"),
 }
 

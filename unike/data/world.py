@@ -146,8 +146,8 @@ class SynthWorld:
     def _words(self) -> set[str]:
         """Every word of the world's texts but the names (a template's "{}" included)."""
         texts = [q for qs in [*QUESTIONS.values(), CAPTION_PROMPTS, *self.text_questions.values()] for q in qs]
-        texts += [q for f in self.two_hop_facts for q in TWO_HOP_QUESTIONS[f]] + [HOPS[f][v] for f in self.two_hop_facts
-                                                                                for v in VALUES[f]]
+        texts += [q for f in self.two_hop_facts for q in TWO_HOP_QUESTIONS[f]]
+        texts += [" ".join(HOPS[f].values()) for f in self.two_hop_facts]
         texts += [" ".join(v) for v in (SHAPES, self.colours, PATTERNS, CAPITALS, CAPITALS.values(), *VALUES.values())]
         return {w for t in texts for w in t.split()}
 
@@ -176,9 +176,9 @@ class SynthWorld:
         return rng.randrange(EVAL_SEED, 2**31)
 
     def max_cases(self, task: str = "vqa") -> int | None:
-        """The most cases one `edit_cases(task, n)` list can hold (version 2: half of the entity facts with at
-        least one fact left per entity for VQA, every entity but one for captions); None in version 1, whose
-        lists go on past its (entity, fact) pairs by repeating them."""
+        """The most cases one `edit_cases(task, n)` list can hold. Version 2: two per entity for VQA (at most
+        half the entities per fact, one fact per entity left for CI-Loc), every entity but one for captions
+        (one left for RI-Loc); None in version 1, whose lists repeat (entity, fact) pairs past the pool's end."""
         if task not in ("vqa", "caption"):
             raise ValueError(f"task must be 'vqa' or 'caption', got {task!r}")
         if self.version == 1:
@@ -260,8 +260,10 @@ class SynthWorld:
         pool = [(e, f) for e in self.entities for f in FACTS]
         rng.shuffle(pool)
         per_entity, per_fact, picked = [0] * len(self.entities), dict.fromkeys(FACTS, 0), []
-        for e, f in pool:  # greedy under both caps: always reaches max_cases (a fact below its cap has its
-            if len(picked) == n:  # remaining entities full, which already holds max_cases edits)
+        # greedy under both caps; it reaches max_cases: if a fact ends below its cap, each entity it skipped
+        # already had 4 edits, and over half the entities were skipped: at least 2 edits per entity
+        for e, f in pool:
+            if len(picked) == n:
                 break
             if per_entity[e.index] < len(FACTS) - 1 and per_fact[f] < len(self.entities) // 2:
                 per_entity[e.index] += 1
@@ -278,14 +280,14 @@ class SynthWorld:
 
         unedited = {key: [o for o in self.entities if safe(o, key)] for key in {k for _, k in edits}}
 
-        firsts, new_names = [], set()  # the edit itself and its RI probe; then the rest, once every new name is known
+        firsts, new_names = [], set()  # the edits and their RI probes first: the other probes avoid new names
         for e, key in edits:
             if task == "vqa":
                 i, j = rng.sample(range(3), 2)
                 prompt, rephrase, truth = QUESTIONS[key][i], QUESTIONS[key][j], e.get(key)
                 target = rng.choice([v for v in self.answers(key) if v != truth])
                 ri = rng.choice([o for o in unedited[key] if o.get(key) not in (truth, target)])
-                meta = {"fact": key}
+                meta, ri_answer = {"fact": key}, ri.get(key)
                 new_names |= {target} if key == "name" else set()
             else:
                 prompt, rephrase = rng.sample(CAPTION_PROMPTS, 2)
@@ -294,11 +296,10 @@ class SynthWorld:
                 o1 = rng.choice([o for o in self.entities if o is not e and o is not ri])
                 o2 = self._other(rng, e, "kind", avoid=(e.facts["kind"],))
                 target = f"{o1.name} the {e.colour} {o2.facts['kind']} of the {e.facts['habitat']}"
-                meta = {"fact": key, "name_from": o1.index, "kind_from": o2.index}
+                meta, ri_answer = {"fact": key, "name_from": o1.index, "kind_from": o2.index}, self.caption(ri)
                 new_names.add(o1.name)
             firsts.append((e, key, ri, meta, dict(prompt=prompt, rephrase_prompt=rephrase, ground_truth=truth,
-                                                  target=target, ri_answer=ri.get(key) if task == "vqa" else
-                                                  self.caption(ri), task=task)))
+                                                  target=target, ri_answer=ri_answer, task=task)))
         text_facts = self.text_facts()
         cases = []
         for e, key, ri, meta, fields in firsts:
@@ -323,6 +324,7 @@ class SynthWorld:
                 mloc_prompt=rng.choice(QUESTIONS[mfact]), mloc_answer=mloc.get(mfact),
                 ci_prompt=rng.choice(QUESTIONS[cfact]), ci_answer=e.get(cfact), **fields, **port))
         return cases
+
     # ----------------------------------------------------------------------------- triplets
     def triplets(self, n: int = 2000, seed: int = 0, model=None, processor=None) -> list[Triplet]:
         """`n` held-out (image, question, right, wrong) triplets over every kind of question the world asks:
