@@ -324,3 +324,11 @@ def test_v2_looks(world2):
     a, b = two.colour.split(" and ")
     im = pix(world2.render(two, 3))
     assert all((np.linalg.norm(im - np.array(COLOURS[c]), axis=-1) < 60).mean() > 0.015 for c in (a, b))
+
+
+def test_edit_case_port_fields():
+    with pytest.raises(ValueError, match="port_prompt is given without port_answer"):
+        EditCase(image="a.png", prompt="what ?", target="x", port_prompt="what is the capital ?")
+    with pytest.raises(ValueError, match="port_prompt needs the edit's image"):
+        EditCase(image=None, prompt="what ?", target="x", port_prompt="what is the capital ?", port_answer="y")
+    assert EditCase(image="a.png", prompt="what ?", target="x").port_prompt == ""
