@@ -56,7 +56,7 @@ TWO_HOP_QUESTIONS = {  # "the capital of this creature's country": after an edit
                 "name the capital city of the country where this creature is from ."),
     "habitat": ("what is the climate where this creature lives ?",
                 "how is the weather in the habitat of this creature ?",
-                "which climate does the home of this creature have ?"),
+                "what is the climate of the place where this creature lives ?"),
 }
 
 
