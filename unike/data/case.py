@@ -39,10 +39,13 @@ def _require_text(record: str, **values) -> None:
 
 @dataclass
 class EditCase:
-    """One edit and its probes, as in MMEdit (E-VQA / E-IC), plus two harder locality probes.
+    """One edit and its probes, as in MMEdit (E-VQA / E-IC), plus two harder locality probes and a two-hop one.
 
     `ci_*`: the edited image with a question about another fact of the same entity (must not change).
-    `ri_*`: the edited question over another entity's image (must not change). Empty for MMEdit files.
+    `ri_*`: the edited question over another entity's image (must not change).
+    `port_*`: portability (VLKEB, MMKE-Bench): a two-hop question about the edited image whose answer
+    follows from the edited fact ("the capital of this creature's country"); `port_answer` is the answer
+    after the edit. Empty for MMEdit files and for cases without a two-hop question.
     """
 
     image: ImageLike
@@ -60,6 +63,8 @@ class EditCase:
     ci_answer: str = ""
     ri_image: ImageLike = None
     ri_answer: str = ""
+    port_prompt: str = ""
+    port_answer: str = ""
     task: str = "vqa"
     meta: dict = field(default_factory=dict)
 
@@ -72,12 +77,14 @@ class EditCase:
             needs = [name for name, given in (("task='caption'", self.task == "caption"),
                                               ("rephrase_image", self.rephrase_image is not None),
                                               ("ci_prompt", bool(self.ci_prompt)),
+                                              ("port_prompt", bool(self.port_prompt)),
                                               ("ri_image", self.ri_image is not None)) if given]
             if needs:
                 raise ValueError(f"EditCase.image is None, but {', '.join(needs)} needs the edit's image: "
                                  "give image=..., or drop those fields for a text-only edit")
         for prompt, answer in (("loc_prompt", "loc_answer"), ("mloc_prompt", "mloc_answer"),
-                               ("ci_prompt", "ci_answer"), ("ri_image", "ri_answer")):
+                               ("ci_prompt", "ci_answer"), ("ri_image", "ri_answer"),
+                               ("port_prompt", "port_answer")):
             if (getattr(self, prompt) not in (None, "")) and not str(getattr(self, answer)).strip():
                 raise ValueError(f"EditCase.{prompt} is given without {answer}: give the probe's answer, "
                                  f"or drop {prompt}")

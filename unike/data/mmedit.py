@@ -2,8 +2,8 @@
 
 Record fields: `src` (prompt), `pred` (the model's original answer), `alt` (edit target), `rephrase`,
 `image`, `image_rephrase`, `loc`, `loc_ans`, `m_loc` (image), `m_loc_q`, `m_loc_a`. Files written by
-`SynthWorld.export_mmedit` also carry `ci`, `ci_ans`, `ri_image`, `ri_ans`. Images stay paths (opened
-lazily by `EditCase.resolved()` / `load_image`); their existence is checked here.
+`SynthWorld.export_mmedit` also carry `ci`, `ci_ans`, `ri_image`, `ri_ans`, `port`, `port_ans`. Images stay
+paths (opened lazily by `EditCase.resolved()` / `load_image`); their existence is checked here.
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def load_mmedit(json_path, image_root=None, rephrase_root=None, task: str | None
                 loc_prompt=rec.get("loc", ""), loc_answer=rec.get("loc_ans", ""),
                 mloc_image=image(rec, "m_loc", root), mloc_prompt=rec.get("m_loc_q", ""),
                 mloc_answer=rec.get("m_loc_a", ""), ci_prompt=rec.get("ci", ""), ci_answer=rec.get("ci_ans", ""),
-                ri_image=image(rec, "ri_image", root), ri_answer=rec.get("ri_ans", ""), task=task,
+                ri_image=image(rec, "ri_image", root), ri_answer=rec.get("ri_ans", ""),
+                port_prompt=rec.get("port", ""), port_answer=rec.get("port_ans", ""), task=task,
                 meta={"record": i}))
         except ValueError as err:
             raise ValueError(f"{path} record {i}: {err}") from None

@@ -4,75 +4,44 @@ Every entity has a visual identity (shape x colour x pattern, drawn with Pillow 
 background and noise) and facts (name, kind, habitat, diet, country) whose values are shared across
 entities and assigned independently of the looks, so no answer can be read off one pixel colour.
 Rendering seeds below `EVAL_SEED` are for training; everything this module hands out for evaluation
-(`edit_cases`, `triplets`, `export_mmedit`) uses seeds at or above it, so it is held out.
+(`edit_cases`, `triplets`, `export_mmedit`) uses seeds at or above it, so it is held out. The fixed
+tables (looks, values, question templates) live in `tables`, the drawing in `render`.
+
+Two versions: 1 (100 entities of one colour; the world the shipped tiny model knows, kept exactly as it
+was) and 2 (512 entities, one colour or two-tone "red and blue"; the climate of each habitat as a text
+fact; two-hop questions for portability; edit-case lists that can be edited as one sequence).
 """
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image
 
 from .case import EditCase, Triplet
+from .render import COLOURS, draw_creature
+from .tables import (ATTRIBUTES, CAPITALS, CAPTION_PROMPTS, CLIMATES, FACTS, HOPS, PATTERNS, QUESTIONS, SHAPES,
+                     TEXT_QUESTIONS, TEXT_QUESTIONS_V2, TWO_HOP_QUESTIONS, TWO_TONES, VALUES, VERSIONS, Version)
+
+__all__ = ["ATTRIBUTES", "CAPITALS", "CAPTION_PROMPTS", "CLIMATES", "COLOURS", "DEFAULT_VERSION", "EVAL_SEED", "FACTS",
+           "HOPS", "PATTERNS", "QUESTIONS", "SHAPES", "TEXT_QUESTIONS", "TEXT_QUESTIONS_V2", "TWO_HOP_QUESTIONS",
+           "TWO_TONES", "VALUES", "VERSIONS", "Entity", "SynthWorld", "Version"]
 
 EVAL_SEED = 10**6  # rendering seeds >= this are never used in training
+DEFAULT_VERSION = 1  # the shipped tiny model knows version 1; set 2 here once a model trained on version 2 ships
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "crescent", "arrow")
-COLOURS = {
-    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 220, 40), "green": (50, 180, 60),
-    "cyan": (40, 200, 210), "blue": (40, 80, 220), "purple": (150, 60, 200), "pink": (245, 120, 190),
-}
-PATTERNS = ("solid", "stripes", "dots", "ring")
-VALUES = {
-    "kind": ("dragon", "beetle", "spirit", "golem", "fairy", "serpent", "moth", "troll", "phoenix", "goblin"),
-    "habitat": ("forest", "desert", "ocean", "mountain", "swamp", "cave", "river", "tundra", "jungle", "volcano"),
-    "diet": ("berries", "fish", "honey", "mushrooms", "seeds", "insects", "moss", "crystals"),
-    "country": ("zarnia", "velmora", "quentor", "olbrith", "drosk", "pellavia", "yundor", "kastrel",
-                "morvane", "theskar"),
-}
-CAPITALS = dict(zip(VALUES["country"], ("aldrun", "bexmoor", "corvale", "dunhelm", "estrid", "falkor",
-                                        "grenby", "holmvik", "istra", "jorvel")))
-FACTS = ("name", "kind", "habitat", "diet", "country")
-ATTRIBUTES = ("colour", "shape", "pattern")
-QUESTIONS = {
-    "name": ("what is the name of this creature ?", "what is this creature called ?",
-             "who is shown in the picture ?"),
-    "kind": ("what kind of creature is this ?", "what type of creature is shown here ?",
-             "which species does this creature belong to ?"),
-    "habitat": ("where does this creature live ?", "what is the habitat of this creature ?",
-                "in which place can this creature be found ?"),
-    "diet": ("what does this creature eat ?", "what is the diet of this creature ?",
-             "what food does this creature like ?"),
-    "country": ("which country is this creature from ?", "where does this creature come from ?",
-                "what is the home country of this creature ?"),
-    "colour": ("what colour is this creature ?", "what is the colour of the creature ?",
-               "which colour does this creature have ?"),
-    "shape": ("what shape is this creature ?", "what is the shape of the creature ?",
-              "which shape does this creature have ?"),
-    "pattern": ("what pattern does this creature have ?", "what is the pattern on the creature ?",
-                "which pattern is drawn on this creature ?"),
-}
-CAPTION_PROMPTS = ("describe the image .", "write a caption for this picture .", "what does this image show ?",
-                   "give a short description of the picture .")
-TEXT_QUESTIONS = {  # text-only facts: no image
-    "capital": ("what is the capital of {} ?", "which city is the capital of {} ?", "name the capital city of {} ."),
-    "diet_by_name": ("what does {} eat ?", "what is the diet of {} ?", "what food does {} like ?"),
-}
+WRITES = {"caption": ("name", "kind")}  # the facts an edit changes (a fact edit: that fact)
+READS = {"caption": ("name", "kind", "habitat")}  # the facts a question's answer depends on
 
 
-def _invent_names(n: int) -> list[str]:
-    """`n` unique invented words; a fixed generator, so the first 100 never depend on the world seed."""
+def _invent_names(n: int, taken: set[str]) -> list[str]:
+    """`n` unique invented words not in `taken`; a fixed generator, so names never depend on the world seed."""
     rng = random.Random(1234)
     onsets, vowels, codas = "b d f g k l m n p r s t v z br dr gr kr pl st tr".split(), "a e i o u".split(), \
         ["", "", "n", "r", "l", "s", "x"]
-    taken = {w for text in [*QUESTIONS.values(), CAPTION_PROMPTS, *TEXT_QUESTIONS.values()] for q in text
-             for w in q.split()} | set(SHAPES) | set(COLOURS) | set(PATTERNS) | set(CAPITALS.values()) \
-        | {v for vs in VALUES.values() for v in vs}
-    names: list[str] = []
+    taken, names = set(taken), []
     while len(names) < n:
         word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.choice((2, 2, 3))))
         word += rng.choice(codas)
@@ -101,36 +70,26 @@ class Entity:
         return self.facts[key] if key in self.facts else getattr(self, key)
 
 
-def _unit_polygon(shape: str) -> list[tuple[float, float]]:
-    if shape == "square":
-        return [(-.78, -.78), (.78, -.78), (.78, .78), (-.78, .78)]
-    if shape == "triangle":
-        return [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    if shape == "star":
-        return [((1 if k % 2 == 0 else .42) * math.cos(-math.pi / 2 + k * math.pi / 5),
-                 (1 if k % 2 == 0 else .42) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
-    if shape == "cross":
-        a, b = .3, 1.0
-        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a),
-                (-a, -a)]
-    if shape == "diamond":
-        return [(0, -1), (.55, 0), (0, 1), (-.55, 0)]
-    if shape == "arrow":
-        return [(-1, -.22), (.15, -.22), (.15, -.6), (1, 0), (.15, .6), (.15, .22), (-1, .22)]
-    raise ValueError(shape)
-
-
 class SynthWorld:
-    """A seeded world of `n_entities` creatures (distinct looks) with facts, questions, captions and text facts."""
+    """A seeded world of `n_entities` creatures (distinct looks) with facts, questions, captions and text facts.
 
-    def __init__(self, seed: int = 0, n_entities: int = 100):
-        if not 8 <= n_entities <= len(SHAPES) * len(COLOURS) * len(PATTERNS):
-            raise ValueError(f"n_entities must be in [8, 256], got {n_entities}")
-        self.seed = seed
+    `version` 1 (the default, what the shipped tiny model knows) or 2 (see the module docstring);
+    `n_entities` defaults to 100 (version 1) or 512 (version 2).
+    """
+
+    def __init__(self, seed: int = 0, n_entities: int | None = None, version: int | None = None):
+        version = DEFAULT_VERSION if version is None else version
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
+        self.version, self.seed, spec = version, seed, VERSIONS[version]
+        self.colours, self.text_questions, self.two_hop_facts = spec.colours, spec.text_questions, spec.two_hop
+        n_entities = spec.n_entities if n_entities is None else n_entities
+        looks = [(s, c, p) for s in SHAPES for c in self.colours for p in PATTERNS]
+        if not 8 <= n_entities <= len(looks):
+            raise ValueError(f"n_entities must be in [8, {len(looks)}] in version {version}, got {n_entities}")
         rng = random.Random(seed)
-        looks = [(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS]
         rng.shuffle(looks)
-        names = _invent_names(n_entities)
+        names = _invent_names(n_entities, self._words())
         rng.shuffle(names)
         values = {}
         for fact, vocab in VALUES.items():  # balanced: every value used about equally, independent of looks
@@ -142,14 +101,24 @@ class SynthWorld:
         self.by_name = {e.name: e for e in self.entities}
 
     # ----------------------------------------------------------------------------- knowledge
-    @staticmethod
-    def values(key: str) -> tuple[str, ...]:
+    def values(self, key: str) -> tuple[str, ...]:
         """The answer vocabulary of a fact or attribute (names: this world's names)."""
-        return {"colour": tuple(COLOURS), "shape": SHAPES, "pattern": PATTERNS, **VALUES}[key]
+        if key == "name":
+            return tuple(e.name for e in self.entities)
+        return {"colour": self.colours, "shape": SHAPES, "pattern": PATTERNS, **VALUES}[key]
 
     def answers(self, key: str) -> list[str]:
         """Possible answers of `key` in this world (names included)."""
-        return [e.name for e in self.entities] if key == "name" else list(self.values(key))
+        return list(self.values(key))
+
+    def aux_labels(self, entity) -> dict[str, int]:
+        """Class indices of an entity for classifier heads on the vision tower: entity and each attribute."""
+        e = self.entity(entity)
+        return {"entity": e.index, **{a: self.values(a).index(e.get(a)) for a in ATTRIBUTES}}
+
+    def aux_classes(self) -> dict[str, int]:
+        """Number of classes of each `aux_labels` head."""
+        return {"entity": len(self.entities), **{a: len(self.values(a)) for a in ATTRIBUTES}}
 
     @staticmethod
     def caption(entity: Entity) -> str:
@@ -157,21 +126,34 @@ class SynthWorld:
         return f"{entity.name} the {entity.colour} {entity.facts['kind']} of the {entity.facts['habitat']}"
 
     def text_facts(self) -> list[tuple[str, str, str]]:
-        """Every text-only fact as (relation, subject, answer): capitals of countries, diet by name."""
+        """Every text-only fact as (relation, subject, answer): capitals of countries, diet by name and
+        (version 2) the climate of each habitat."""
+        climates = [("climate", h, c) for h, c in CLIMATES.items()] if "climate" in self.text_questions else []
         return [("capital", c, cap) for c, cap in CAPITALS.items()] + \
-            [("diet_by_name", e.name, e.facts["diet"]) for e in self.entities]
+            [("diet_by_name", e.name, e.facts["diet"]) for e in self.entities] + climates
 
-    @staticmethod
-    def text_question(relation: str, subject: str, paraphrase: int = 0) -> str:
-        return TEXT_QUESTIONS[relation][paraphrase].format(subject)
+    def text_question(self, relation: str, subject: str, paraphrase: int = 0) -> str:
+        return self.text_questions[relation][paraphrase].format(subject)
+
+    def two_hop(self, entity, fact: str, value: str | None = None) -> str:
+        """The answer to the two-hop question about `fact` (`TWO_HOP_QUESTIONS`): the capital of the entity's
+        country, the climate of its habitat; of `value` instead of the entity's own, if given."""
+        if fact not in self.two_hop_facts:
+            raise ValueError(f"version {self.version} has two-hop questions about {list(self.two_hop_facts)} only, "
+                             f"not {fact!r}" + ("; use SynthWorld(version=2)" if self.version == 1 else ""))
+        return HOPS[fact][self.entity(entity).facts[fact] if value is None else value]
+
+    def _words(self) -> set[str]:
+        """Every word of the world's texts but the names (a template's "{}" included)."""
+        texts = [q for qs in [*QUESTIONS.values(), CAPTION_PROMPTS, *self.text_questions.values()] for q in qs]
+        texts += [q for f in self.two_hop_facts for q in TWO_HOP_QUESTIONS[f]]
+        texts += [" ".join(HOPS[f].values()) for f in self.two_hop_facts]
+        texts += [" ".join(v) for v in (SHAPES, self.colours, PATTERNS, CAPITALS, CAPITALS.values(), *VALUES.values())]
+        return {w for t in texts for w in t.split()}
 
     def vocabulary(self) -> list[str]:
         """Every word this world can emit in prompts, answers and captions (sorted)."""
-        texts = [q for qs in [*QUESTIONS.values(), CAPTION_PROMPTS] for q in qs]
-        texts += [q.format("") for qs in TEXT_QUESTIONS.values() for q in qs]
-        texts += [self.caption(e) for e in self.entities] + [" ".join(e.facts.values()) for e in self.entities]
-        texts += [" ".join(v) for v in (SHAPES, COLOURS, PATTERNS, CAPITALS, CAPITALS.values(), *VALUES.values())]
-        return sorted({w for t in texts for w in t.split()})
+        return sorted((self._words() - {"{}"}) | {e.name for e in self.entities})
 
     # ----------------------------------------------------------------------------- rendering
     def entity(self, entity) -> Entity:
@@ -180,61 +162,7 @@ class SynthWorld:
     def render(self, entity, seed: int) -> Image.Image:
         """A 64x64 RGB picture of `entity` (Entity or index) under a random pose/background/noise from `seed`."""
         e = self.entity(entity)
-        rng = np.random.default_rng([self.seed, e.index, int(seed)])
-        S = 128  # drawn at 2x, reduced to 64 for anti-aliasing
-        r = S / 2 * rng.uniform(0.6, 0.9)  # object scale: radius 0.6-0.9 of half the picture, fully inside
-        cx, cy = (rng.uniform(r * 1.1, S - r * 1.1) for _ in range(2))
-        theta = rng.uniform(0, 2 * math.pi)
-        mask = Image.new("L", (S, S), 0)
-        draw = ImageDraw.Draw(mask)
-        rc = r * .9
-        if e.shape in ("circle", "crescent"):
-            draw.ellipse((cx - rc, cy - rc, cx + rc, cy + rc), fill=255)
-            if e.shape == "crescent":
-                ox, oy, ri = cx + .5 * r * math.cos(theta), cy + .5 * r * math.sin(theta), r * .75
-                draw.ellipse((ox - ri, oy - ri, ox + ri, oy + ri), fill=0)
-        else:
-            c, s = math.cos(theta), math.sin(theta)
-            points = [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in _unit_polygon(e.shape)]
-            draw.polygon(points, fill=255)
-        pat = Image.new("L", (S, S), 0)
-        pdraw = ImageDraw.Draw(pat)
-        if e.pattern == "stripes":  # bands across the shape, turned with it
-            a, period = theta + math.pi / 4, r * .45
-            u, v = (math.cos(a), math.sin(a)), (-math.sin(a), math.cos(a))
-            for k in range(-6, 7):
-                o0, o1 = k * period, k * period + period * .35
-                pdraw.polygon([(cx + u[0] * o + v[0] * t, cy + u[1] * o + v[1] * t)
-                               for o, t in ((o0, -2 * r), (o1, -2 * r), (o1, 2 * r), (o0, 2 * r))], fill=255)
-        elif e.pattern == "dots":  # a grid of dots, turned with the shape
-            p, rd = r * .5, r * .5 * .24
-            c, s = math.cos(theta), math.sin(theta)
-            for i in range(-4, 5):
-                for j in range(-4, 5):
-                    x, y = cx + p * (i + .5) * c - p * (j + .5) * s, cy + p * (i + .5) * s + p * (j + .5) * c
-                    pdraw.ellipse((x - rd, y - rd, x + rd, y + rd), fill=255)
-        elif e.pattern == "ring":  # a dark border along the outline
-            w = max(2, int(r * .14))
-            if e.shape in ("circle", "crescent"):
-                pdraw.ellipse((cx - rc, cy - rc, cx + rc, cy + rc), outline=255, width=w)
-                if e.shape == "crescent":
-                    pdraw.ellipse((ox - ri - w, oy - ri - w, ox + ri + w, oy + ri + w), outline=255, width=w)
-            else:
-                pdraw.polygon(points, outline=255, width=w)
-        pat = ImageChops.multiply(pat, mask)
-        # background: a gradient between two muted colours in a random direction
-        c0, c1 = (rng.uniform(70, 190) + rng.uniform(-25, 25, 3) for _ in range(2))
-        a = rng.uniform(0, 2 * math.pi)
-        g = np.linspace(-1, 1, 8, dtype=np.float32)
-        t = ((g[None, :] * math.cos(a) + g[:, None] * math.sin(a)) * .35 + .5)[..., None]
-        bg = Image.fromarray((c0 * (1 - t) + c1 * t).clip(0, 255).astype(np.uint8), "RGB").resize((S, S),
-                                                                                                   Image.BILINEAR)
-        fg = tuple(int(v) for v in np.clip(np.array(COLOURS[e.colour]) + rng.uniform(-15, 15, 3), 0, 255))
-        dark = (int(25 + rng.uniform(0, 15)),) * 3
-        img = Image.composite(Image.new("RGB", (S, S), fg), bg, mask)
-        img = Image.composite(Image.new("RGB", (S, S), dark), img, pat).reduce(2)
-        img = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (64, 64, 3)).astype(np.float32)
-        return Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB")
+        return draw_creature(e.shape, tuple(e.colour.split(" and ")), e.pattern, [self.seed, e.index, int(seed)])
 
     # ----------------------------------------------------------------------------- edit cases
     def _other(self, rng: random.Random, e: Entity, key: str | None = None, avoid=()) -> Entity:
@@ -247,29 +175,44 @@ class SynthWorld:
     def _seed(self, rng: random.Random) -> int:
         return rng.randrange(EVAL_SEED, 2**31)
 
-    def _probe(self, rng: random.Random, e: Entity, exclude: str | None = None,
-               changed: tuple[str, ...] = ()) -> tuple[str, str]:
-        """A question about a fact of `e` other than `exclude`; a fact in `changed` is swapped for another
-        one drawn from a side stream, so that the cases' random stream stays the same."""
-        fact = rng.choice([f for f in FACTS if f != exclude])
-        if fact in changed:
-            fact = random.Random(f"{self.seed}-{e.index}-{fact}").choice([f for f in FACTS if f not in changed])
-        return rng.choice(QUESTIONS[fact]), e.get(fact)
-
-    def _text_probe(self, rng: random.Random, avoid: Entity) -> tuple[str, str]:
-        facts = [t for t in self.text_facts() if t[1] != avoid.name]
-        rel, subj, ans = rng.choice(facts)
-        return self.text_question(rel, subj, rng.randrange(3)), ans
-
-    def edit_cases(self, task: str = "vqa", n: int = 100, seed: int = 0) -> list[EditCase]:
-        """`n` held-out edit cases with every probe filled; task "vqa" (a fact) or "caption"."""
+    def max_cases(self, task: str = "vqa") -> int | None:
+        """The most cases one `edit_cases(task, n)` list can hold. Version 2: two per entity for VQA (at most
+        half the entities per fact, one fact per entity left for CI-Loc), every entity but one for captions
+        (one left for RI-Loc); None in version 1, whose lists repeat (entity, fact) pairs past the pool's end."""
         if task not in ("vqa", "caption"):
             raise ValueError(f"task must be 'vqa' or 'caption', got {task!r}")
+        if self.version == 1:
+            return None
+        n = len(self.entities)
+        return n * (len(FACTS) - 1) // 2 if task == "vqa" else n - 1
+
+    def edit_cases(self, task: str = "vqa", n: int = 100, seed: int = 0) -> list[EditCase]:
+        """`n` held-out edit cases with every probe filled; task "vqa" (a fact) or "caption".
+
+        Version 2: the list can be edited as one sequence (no two cases edit the same entity fact, and no
+        probe asks about a fact another case edits; a caption edit renames its entity and changes its kind),
+        and a country or habitat edit carries a two-hop probe. Version 1: the lists the shipped tiny model
+        was measured on; pairs repeat past the pool's end and probes may touch other cases' facts.
+        """
+        limit = self.max_cases(task)
+        if limit is not None and not 0 <= n <= limit:
+            raise ValueError(f"n = {n}, but this world holds at most {limit} sequence-safe {task} cases; ask for "
+                             f"fewer or build a bigger world (SynthWorld(version=2, n_entities=...), at most "
+                             f"{len(SHAPES) * len(self.colours) * len(PATTERNS)} entities)")
         rng = random.Random(f"edit-{task}-{self.seed}-{seed}")
-        if task == "vqa":
-            pool = [(e, f) for e in self.entities for f in FACTS]
-        else:
-            pool = [(e, "caption") for e in self.entities]
+        return self._cases_v1(rng, task, n) if self.version == 1 else self._safe_cases(rng, task, n)
+
+    def _case(self, rng: random.Random, e: Entity, ri: Entity, mloc: Entity, meta: dict, **fields) -> EditCase:
+        """Draw the four rendering seeds and build the case."""
+        seeds = [self._seed(rng) for _ in range(4)]
+        return EditCase(image=self.render(e, seeds[0]), rephrase_image=self.render(e, seeds[1]),
+                        mloc_image=self.render(mloc, seeds[2]), ri_image=self.render(ri, seeds[3]), **fields,
+                        meta={"entity": e.index, **meta, "mloc_entity": mloc.index, "ri_entity": ri.index,
+                              "render_seeds": seeds})
+
+    def _cases_v1(self, rng: random.Random, task: str, n: int) -> list[EditCase]:
+        pool = [(e, f) for e in self.entities for f in FACTS] if task == "vqa" else [(e, "caption") for e in
+                                                                                      self.entities]
         order: list = []
         while len(order) < n:  # distinct (entity, fact) pairs as long as the pool lasts
             chunk = pool[:]
@@ -291,27 +234,102 @@ class SynthWorld:
                 target = f"{o1.name} the {e.colour} {o2.facts['kind']} of the {e.facts['habitat']}"
                 ri = self._other(rng, e, "name", avoid=(o1.name,))
                 ri_answer = self.caption(ri)
-            loc_prompt, loc_answer = self._text_probe(rng, e)
+            facts = [t for t in self.text_facts() if t[1] != e.name]
+            rel, subj, loc_answer = rng.choice(facts)
+            loc_prompt = self.text_question(rel, subj, rng.randrange(3))
             mloc = self._other(rng, e)
-            mloc_prompt, mloc_answer = self._probe(rng, mloc)
-            # same image, a fact the edit leaves alone (a caption edit renames the entity and changes its kind)
-            ci_prompt, ci_answer = self._probe(rng, e, exclude=key, changed=("name", "kind") if task == "caption" else ())
-            seeds = [self._seed(rng) for _ in range(4)]
-            cases.append(EditCase(
-                image=self.render(e, seeds[0]), prompt=prompt, target=target, ground_truth=truth,
-                rephrase_prompt=rephrase, rephrase_image=self.render(e, seeds[1]),
-                loc_prompt=loc_prompt, loc_answer=loc_answer,
-                mloc_image=self.render(mloc, seeds[2]), mloc_prompt=mloc_prompt, mloc_answer=mloc_answer,
-                ci_prompt=ci_prompt, ci_answer=ci_answer, ri_image=self.render(ri, seeds[3]), ri_answer=ri_answer,
-                task=task,
-                meta={"entity": e.index, "fact": key, "mloc_entity": mloc.index, "ri_entity": ri.index,
-                      "render_seeds": seeds}))
+            fact = rng.choice(FACTS)
+            mloc_prompt, mloc_answer = rng.choice(QUESTIONS[fact]), mloc.get(fact)
+            # same image, a fact the edit leaves alone (a caption edit renames the entity and changes its kind);
+            # a fact in WRITES is swapped for another one drawn from a side stream
+            fact = rng.choice([f for f in FACTS if f != key])
+            if fact in WRITES.get(key, ()):
+                fact = random.Random(f"{self.seed}-{e.index}-{fact}").choice([f for f in FACTS
+                                                                              if f not in WRITES[key]])
+            ci_prompt, ci_answer = rng.choice(QUESTIONS[fact]), e.get(fact)
+            cases.append(self._case(
+                rng, e, ri, mloc, {"fact": key}, prompt=prompt, target=target, ground_truth=truth,
+                rephrase_prompt=rephrase, loc_prompt=loc_prompt, loc_answer=loc_answer, mloc_prompt=mloc_prompt,
+                mloc_answer=mloc_answer, ci_prompt=ci_prompt, ci_answer=ci_answer, ri_answer=ri_answer, task=task))
+        return cases
+
+    def _pick_edits(self, rng: random.Random, task: str, n: int) -> list[tuple[Entity, str]]:
+        """`n` distinct (entity, fact) edits; VQA: at most half the entities per fact and one fact left per entity."""
+        if task == "caption":
+            return [(e, "caption") for e in rng.sample(self.entities, n)]
+        pool = [(e, f) for e in self.entities for f in FACTS]
+        rng.shuffle(pool)
+        per_entity, per_fact, picked = [0] * len(self.entities), dict.fromkeys(FACTS, 0), []
+        # greedy under both caps; it reaches max_cases: if a fact ends below its cap, each entity it skipped
+        # already had 4 edits, and over half the entities were skipped: at least 2 edits per entity
+        for e, f in pool:
+            if len(picked) == n:
+                break
+            if per_entity[e.index] < len(FACTS) - 1 and per_fact[f] < len(self.entities) // 2:
+                per_entity[e.index] += 1
+                per_fact[f] += 1
+                picked.append((e, f))
+        return picked
+
+    def _safe_cases(self, rng: random.Random, task: str, n: int) -> list[EditCase]:
+        edits = self._pick_edits(rng, task, n)
+        edited = {(e.index, f) for e, key in edits for f in WRITES.get(key, (key,))}
+
+        def safe(o: Entity, key: str) -> bool:  # no fact this question about `o` reads is edited in the list
+            return not any((o.index, f) in edited for f in READS.get(key, (key,)))
+
+        unedited = {key: [o for o in self.entities if safe(o, key)] for key in {k for _, k in edits}}
+
+        firsts, new_names = [], set()  # the edits and their RI probes first: the other probes avoid new names
+        for e, key in edits:
+            if task == "vqa":
+                i, j = rng.sample(range(3), 2)
+                prompt, rephrase, truth = QUESTIONS[key][i], QUESTIONS[key][j], e.get(key)
+                target = rng.choice([v for v in self.answers(key) if v != truth])
+                ri = rng.choice([o for o in unedited[key] if o.get(key) not in (truth, target)])
+                meta, ri_answer = {"fact": key}, ri.get(key)
+                new_names |= {target} if key == "name" else set()
+            else:
+                prompt, rephrase = rng.sample(CAPTION_PROMPTS, 2)
+                truth = self.caption(e)
+                ri = rng.choice(unedited[key])
+                o1 = rng.choice([o for o in self.entities if o is not e and o is not ri])
+                o2 = self._other(rng, e, "kind", avoid=(e.facts["kind"],))
+                target = f"{o1.name} the {e.colour} {o2.facts['kind']} of the {e.facts['habitat']}"
+                meta, ri_answer = {"fact": key, "name_from": o1.index, "kind_from": o2.index}, self.caption(ri)
+                new_names.add(o1.name)
+            firsts.append((e, key, ri, meta, dict(prompt=prompt, rephrase_prompt=rephrase, ground_truth=truth,
+                                                  target=target, ri_answer=ri_answer, task=task)))
+        text_facts = self.text_facts()
+        cases = []
+        for e, key, ri, meta, fields in firsts:
+            while True:  # text locality: capitals and climates are never edited; diet by name may be
+                rel, subj, loc_answer = rng.choice(text_facts)
+                y = self.by_name.get(subj) if rel == "diet_by_name" else None
+                if y is None or (y is not e and safe(y, "diet") and safe(y, "name") and subj not in new_names):
+                    break
+            while True:
+                mloc, mfact = rng.choice(self.entities), rng.choice(FACTS)
+                if mloc is not e and safe(mloc, mfact):
+                    break
+            cfact = rng.choice([f for f in FACTS if f not in WRITES.get(key, (key,)) and safe(e, f)])
+            port = {}
+            if key in self.two_hop_facts:
+                port = dict(port_prompt=rng.choice(TWO_HOP_QUESTIONS[key]),
+                            port_answer=self.two_hop(e, key, fields["target"]))
+            cases.append(self._case(
+                rng, e, ri, mloc, {**meta, "edits": list(WRITES.get(key, (key,))), "mloc_fact": mfact,
+                                   "ci_fact": cfact, "loc": [rel, subj], "port_fact": key if port else None},
+                loc_prompt=self.text_question(rel, subj, rng.randrange(3)), loc_answer=loc_answer,
+                mloc_prompt=rng.choice(QUESTIONS[mfact]), mloc_answer=mloc.get(mfact),
+                ci_prompt=rng.choice(QUESTIONS[cfact]), ci_answer=e.get(cfact), **fields, **port))
         return cases
 
     # ----------------------------------------------------------------------------- triplets
     def triplets(self, n: int = 2000, seed: int = 0, model=None, processor=None) -> list[Triplet]:
         """`n` held-out (image, question, right, wrong) triplets over every kind of question the world asks:
-        facts and attributes of a rendered entity, captions, and text-only facts (image None).
+        facts and attributes of a rendered entity, captions, text-only facts (image None) and (version 2)
+        two-hop questions.
 
         The wrong answer is the model's own greedy answer where a model is given and it errs, else a
         distractor from the same fact's vocabulary.
@@ -320,6 +338,7 @@ class SynthWorld:
         pool = [("image", e, k, q) for e in self.entities for k in FACTS + ATTRIBUTES for q in range(3)]
         pool += [("caption", e, "caption", q) for e in self.entities for q in range(len(CAPTION_PROMPTS))]
         pool += [("text", fact, None, q) for fact in self.text_facts() for q in range(3)]
+        pool += [("two_hop", e, f, q) for e in self.entities for f in self.two_hop_facts for q in range(3)]
         order: list = []
         while len(order) < n:
             chunk = pool[:]
@@ -331,6 +350,10 @@ class SynthWorld:
                 rel, subj, right = item
                 image, question = None, self.text_question(rel, subj, q)
                 wrong = rng.choice(sorted({a for r, _, a in self.text_facts() if r == rel} - {right}))
+            elif kind == "two_hop":
+                image, question, right = self.render(item, self._seed(rng)), TWO_HOP_QUESTIONS[key][q], \
+                    self.two_hop(item, key)
+                wrong = rng.choice(sorted(set(HOPS[key].values()) - {right}))
             elif kind == "caption":
                 image, question, right = self.render(item, self._seed(rng)), CAPTION_PROMPTS[q], self.caption(item)
                 wrong = self.caption(self._other(rng, item))
@@ -351,7 +374,8 @@ class SynthWorld:
         """Write `n` edit cases as an MMEdit (E-VQA / E-IC) JSON file plus PNGs; return the JSON path.
 
         Images lie under `directory/images/`; paths in the JSON are relative to `directory`. The extra keys
-        `ci`, `ci_ans`, `ri_image`, `ri_ans` carry the harder locality probes (real MMEdit files lack them).
+        `ci`, `ci_ans`, `ri_image`, `ri_ans` carry the harder locality probes and `port`, `port_ans` the
+        two-hop probe (empty where a case has none; real MMEdit files lack them).
         """
         root = Path(directory)
         (root / "images").mkdir(parents=True, exist_ok=True)
@@ -368,6 +392,7 @@ class SynthWorld:
                 "loc": c.loc_prompt, "loc_ans": c.loc_answer,
                 "m_loc": paths["mloc_image"], "m_loc_q": c.mloc_prompt, "m_loc_a": c.mloc_answer,
                 "ci": c.ci_prompt, "ci_ans": c.ci_answer, "ri_image": paths["ri_image"], "ri_ans": c.ri_answer,
+                "port": c.port_prompt, "port_ans": c.port_answer,
             })
         path = root / f"{task}_eval.json"
         path.write_text(json.dumps(records, indent=1))
