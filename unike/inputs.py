@@ -19,7 +19,7 @@ def edit_inputs(model, processor, item, text_config=None) -> dict[str, Tensor]:
             raise ValueError("editing an EditCase needs a processor: UniKE(model, processor); "
                              "or pass an inputs dict with `labels`")
         c = item
-        inputs = encode(processor, load_image(c.image), c.prompt, c.target, eos=True)   # the answer must stop
+        inputs = encode(processor, load_image(c.image), c.prompt, c.target)
     elif isinstance(item, Mapping):
         inputs = dict(item)
         if "labels" not in inputs or "input_ids" not in inputs:
