@@ -53,7 +53,8 @@ def write(results: dict, out, plots: bool = True) -> list[Path]:
 def main(args) -> dict:
     """Run `unike bench` from parsed CLI arguments (see `unike.cli`); returns the results written."""
     names = expand(args.methods) if args.methods != "none" else []
-    runs = settings(_list(args.task), _list(args.mode), _list(args.k, int), _list(args.protocol))
+    runs = settings(_list(args.task), _list(args.mode), _list(args.k, int), _list(args.protocol),
+                    _list(args.score_after))
     if names:
         check_settings(runs, args.n)
     elif not args.speed:
@@ -104,7 +105,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", default="one-step", help="one-step, sequential (comma list)")
     p.add_argument("--k", default="10", help="edits per sequence in sequential mode (comma list, e.g. 1,10,20)")
     p.add_argument("--n", type=int, default=50, help="edit cases per run (a multiple of every K)")
-    p.add_argument("--protocol", default="token_acc", help="token_acc, exact (comma list)")
+    p.add_argument("--protocol", default="token_acc", help="token_acc, exact, easyedit (comma list; docs/metrics.md)")
+    p.add_argument("--score-after", default="all", help="sequential runs: 'all' (every case scored after the K-th "
+                   "edit) or 'each' (right after its own edit: EasyEdit's and the UniKE code's rule); comma list")
     p.add_argument("--seed", type=int, default=0, help="seeds the cases, the fit triplets, torch and UniKEConfig")
     p.add_argument("--triplets", type=int, default=2000, help="fit triplets per method")
     p.add_argument("--alpha-cases", type=int, default=10, help="one-step UniKE edits for α against relevance (0: off)")

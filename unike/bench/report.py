@@ -9,7 +9,7 @@ from .methods import ABLATIONS, ALPHAS, MAIN, ZETAS
 FIVE = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 HARD = ("ci_loc", "ri_loc")
 HEAD = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc",
-        "ci_loc": "CI-Loc", "ri_loc": "RI-Loc"}
+        "ci_loc": "CI-Loc", "ri_loc": "RI-Loc", "port": "Port"}
 NAMES = {"base": "Base model", "ftlast": "FT (last layer)", "tpatcher": "T-Patcher", "promptike": "IKE (prompt)",
          "latentike": "Latent IKE", "unike": "**UniKE**", "intrin-only": "1 only Intrin",
          "latent-only": "2 only Latent-IKE", "intrin+prompt-ike": "3 Intrin + IKE (prompt)",
@@ -34,7 +34,8 @@ def mean5(scores: dict) -> float | None:
 
 
 def source(run: dict) -> str:
-    return f"{run['model']} · {run['protocol']} · n={run['n']} · seed {run['seed']}"
+    after = " · scored after each edit" if run.get("score_after") == "each" else ""
+    return f"{run['model']} · {run['protocol']}{after} · n={run['n']} · seed {run['seed']}"
 
 
 def paper_source(task: str) -> str:
