@@ -218,8 +218,8 @@ def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, 
         for p, s in zip(items, _score(protocol, model, proc, items, refs, batch_size)):
             totals.setdefault(p.metric, []).append(s)
 
-    bar = tqdm(total=len(cases), desc=f"evaluate ({mode}, {protocol}, score after {score_after})",
-               disable=not progress)
+    after = f", score after {score_after}" if mode == "sequential" else ""
+    bar = tqdm(total=len(cases), desc=f"evaluate ({mode}, {protocol}{after})", disable=not progress)
     try:
         for start in range(0, len(cases), step):
             method.reset()

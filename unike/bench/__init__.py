@@ -109,7 +109,7 @@ def add_arguments(p) -> None:
     p.add_argument("--score-after", default="all", help="sequential runs: 'all' (every case scored after the K-th "
                    "edit) or 'each' (right after its own edit: EasyEdit's and the UniKE code's rule); comma list")
     p.add_argument("--seed", type=int, default=0, help="seeds the cases, the fit triplets, torch and UniKEConfig")
-    p.add_argument("--triplets", type=int, default=500, help="fit triplets per method")
+    p.add_argument("--triplets", type=int, default=200, help="fit triplets per method")
     p.add_argument("--alpha-cases", type=int, default=5, help="one-step UniKE edits for α against relevance (0: off)")
     p.add_argument("--out", default="bench_results", help="output folder")
     p.add_argument("--append", action="store_true", help="merge into an existing OUT/results.json")
@@ -121,9 +121,9 @@ def add_arguments(p) -> None:
                    "sequence, the state of the edits in between filled with random tensors of the real shapes")
     p.add_argument("--speed-steps", type=int, default=None, help="training steps of every latency edit "
                    "(default: the config's edit_steps)")
-    p.add_argument("--speed-fill-edits", type=int, default=10, help="edits' worth of neurons for the overhead")
+    p.add_argument("--speed-fill-edits", type=int, default=3, help="edits' worth of neurons for the overhead")
     p.add_argument("--speed-memory", type=int, default=15000, help="memory entries per layer for the overhead")
-    p.add_argument("--speed-fit", type=int, default=500, help="fit triplets whose memory, with random entries up to "
+    p.add_argument("--speed-fit", type=int, default=64, help="fit triplets whose memory, with random entries up to "
                    "--speed-memory, is timed for the overhead (at most --triplets)")
     p.add_argument("--speed-repeats", type=int, default=20, help="timed forwards per setting")
     p.add_argument("--speed-batch", type=int, default=4, help="prompts in the timed batch")
