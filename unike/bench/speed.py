@@ -276,7 +276,8 @@ def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple
         "bytes_per_edit": latency["per_edit"]["bytes"] if latency["per_edit"] else None,
         "seconds_per_edit": seconds_per_edit(runs),
         "targets": {k: v for k, v in TARGETS.items()   # only those stated for the sizes measured
-                    if (tuple(mid) == TARGET_MID if k.startswith("overhead") else latency_edits >= TARGET_LATENCY_EDITS)},
+                    if (tuple(mid) == TARGET_MID if k.startswith("overhead")
+                        else max(latency_edits, latency_at or 0) >= TARGET_LATENCY_EDITS)},
         "mid_config": {"hidden": mid[0], "layers": mid[1]},
     }
     return out
