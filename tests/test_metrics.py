@@ -11,7 +11,8 @@ from transformers.modeling_outputs import CausalLMOutput
 import unike
 from unike.metrics import normalize
 
-WORDS = ["<pad>", "<unk>", "</s>", "what", "colour", "is", "it", "?", "red", "blue", "green", "capital", "of", "x", "img"]
+WORDS = ["<pad>", "<unk>", "</s>", "what", "colour", "is", "it", "?", "red", "blue", "green", "capital", "of", "x",
+         "img"]
 
 
 def tokenizer():

@@ -122,8 +122,11 @@ def overheads(model, processor, inputs, *, edits: int, memory: int, repeats: int
     layers = min(UniKEConfig.layers, len(locate(model)))     # the default last 4 (all of a shallower decoder)
     editor = UniKE(model, processor, UniKEConfig(seed=seed, layers=layers))
     extra = {}
+
+    def timed(name: str) -> dict:
+        return overhead(plain, model, inputs, repeats, desc=f"timing {name}" if progress else None)
+
     try:
-        timed = lambda name: overhead(plain, model, inputs, repeats, desc=f"timing {name}" if progress else None)  # noqa: E731
         out = {"0_edits": timed("0_edits")}
         if triplets:
             editor.fit(triplets, progress=progress)
