@@ -42,12 +42,25 @@ RUNS = {  # group -> bench invocations (arguments after `unike bench`), sized fo
 }
 
 
+# the committed run's sizes: `unike bench`'s defaults are sized for a quick try on a laptop CPU
+SIZES = ["--triplets", "2000", "--alpha-cases", "10"]
+SPEED_SIZES = ["--speed-edits", "1000", "--speed-fill-edits", "100", "--speed-memory", "15000", "--speed-fit", "2000",
+               "--speed-repeats", "20", "--speed-batch", "4", "--mid", "1024x8"]
+
+
+def sized(args: list[str]) -> list[str]:
+    """`args` with the committed sizes they do not set themselves."""
+    sizes = SIZES + (SPEED_SIZES if "--speed" in args else [])
+    pairs = [sizes[i:i + 2] for i in range(0, len(sizes), 2) if sizes[i] not in args]
+    return args + [x for pair in pairs for x in pair]
+
+
 def command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "unike.cli", "bench", *args, *COMMON, "--quiet"]
+    return [sys.executable, "-m", "unike.cli", "bench", *sized(args), *COMMON, "--quiet"]
 
 
 def shown(args: list[str]) -> str:
-    return "unike bench " + " ".join(args + COMMON)
+    return "unike bench " + " ".join(sized(args) + COMMON)
 
 
 def run(group: str, skip: int = 0) -> None:

@@ -28,12 +28,13 @@ def e2e(tmp_path_factory):
 
 def test_results_schema_and_files(e2e):
     out, res = e2e
-    keys = {"method", "task", "mode", "k", "n", "protocol", "seed", "scores", "seconds_per_edit"}
+    keys = {"method", "task", "mode", "k", "n", "protocol", "score_after", "seed", "scores", "seconds_per_edit"}
     assert len(res["runs"]) == 2 * 3                      # 2 methods x (one-step, sequential K=1, K=2)
     for run in res["runs"]:
-        assert keys <= set(run) and set(run["scores"]) == set(METRICS)
+        assert keys <= set(run) and set(METRICS) - {"port"} <= set(run["scores"]) <= set(METRICS)
         assert all(0.0 <= v <= 100.0 for v in run["scores"].values())
         assert (run["task"], run["n"], run["seed"], run["protocol"]) == ("vqa", 2, 3, "token_acc")
+        assert run["score_after"] == "all"
     base = next(r for r in res["runs"] if r["method"] == "base" and r["mode"] == "one-step")
     assert base["scores"]["rel"] < 50 and base["scores"]["t_loc"] == 100.0
     sp = res["speed"]
@@ -68,6 +69,16 @@ def test_same_seed_same_scores_and_append_merges(e2e):
     assert {key(r): r["scores"] for r in again["runs"]} == {key(r): r["scores"] for r in first["runs"]}
 
 
+def test_protocol_and_score_after_through_the_cli(tmp_path):
+    main(["bench", "--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "2", "--n", "2",
+          "--protocol", "easyedit", "--score-after", "all,each", "--alpha-cases", "0", "--no-plots", "--out",
+          str(tmp_path), *SMALL])
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["protocol"], r["score_after"]) for r in runs) == [("easyedit", "all"), ("easyedit", "each")]
+    table = (tmp_path / "results.md").read_text()
+    assert "tiny · easyedit · scored after each edit · n=2" in table and "tiny · easyedit · n=2" in table
+
+
 def test_mmedit_files_with_a_model_folder(tmp_path):
     world = unike.SynthWorld(seed=0)
     data = world.export_mmedit(tmp_path / "data", "vqa", n=20, seed=5)
@@ -99,6 +110,12 @@ def test_bad_settings_raise_before_anything_runs():
         check_settings(settings(["cross"], ["one-step"], [1], ["token_acc"]), n=10)
     with pytest.raises(ValueError, match="unknown protocol"):
         check_settings(settings(["vqa"], ["one-step"], [1], ["bleu"]), n=10)
+    with pytest.raises(ValueError, match="unknown --score-after 'last'"):
+        check_settings(settings(["vqa"], ["sequential"], [2], ["token_acc"], ["last"]), n=10)
+    # one-step runs are scored after their one edit: score_after "each" adds no one-step run
+    both = settings(["vqa"], ["one-step", "sequential"], [2], ["easyedit"], ["all", "each"])
+    assert [(s["mode"], s["score_after"]) for s in both] == [("one-step", "all"), ("sequential", "all"),
+                                                             ("sequential", "each")]
     with pytest.raises(ValueError, match="unknown method 'rome'"):
         registry.expand("unike,rome")
     with pytest.raises(ValueError, match="unknown method 'alpha-1.5'"):
@@ -116,7 +133,7 @@ def test_cross_cases_mix_tasks_in_every_sequence():
 
 def test_merge_replaces_same_key_and_keeps_others():
     run = lambda m, s: {"model": "tiny", "method": m, "task": "vqa", "mode": "one-step", "k": 1, "n": 2,  # noqa: E731
-                        "protocol": "token_acc", "seed": 0, "scores": {"rel": s}}
+                        "protocol": "token_acc", "score_after": "all", "seed": 0, "scores": {"rel": s}}
     old = {"runs": [run("unike", 1.0), run("tpatcher", 2.0)], "speed": {"a": 1}, "alpha": []}
     new = {"runs": [run("unike", 3.0)], "speed": {"b": 2}, "alpha": []}
     out = merge(old, new)

@@ -1,10 +1,14 @@
 """`evaluate`: reliability, generality and locality of an editing method, under named protocols.
 
-Protocols (docs/metrics.md gives the formulas and who uses each):
-* ``token_acc`` (UniKE, EasyEdit): teacher-forced share of target tokens whose argmax is the target
-  token; locality is the share of answer positions whose argmax is unchanged (top-1 agreement).
+Protocols (docs/metrics.md gives the formulas, who uses each and since when):
+* ``token_acc`` (UniKE's code; EasyEdit for Rel/Gen): teacher-forced share of target tokens whose argmax
+  is the target token; locality is the share of answer positions whose argmax is unchanged (top-1).
 * ``exact``: the greedy answer equals the target (after normalisation); locality is the share of
   probes whose greedy answer is unchanged.
+* ``easyedit`` (EasyEdit's `MultimodalEditor` since Dec 2024): edit probes as ``token_acc``; locality
+  compares the top-k token ids at *every* position of the teacher-forced input (image tokens, template,
+  prompt and answer): k = 1 for the text-only T-Loc, k = 10 (rank by rank) for the probes with an image
+  (M-Loc, and here CI-Loc and RI-Loc).
 
 A *method* is any object with ``model``, ``processor``, ``edit(case)``, ``reset()`` and a
 ``disabled()`` context manager that gives the unedited model; a bare model is the "base" row. A method
@@ -24,10 +28,12 @@ from tqdm.auto import tqdm
 from .data.case import EditCase, load_image, missing_images
 from .prompting import collate, encode, on_model, pad_id_of, tokenizer_of
 
-PROTOCOLS = ("token_acc", "exact")
-EDIT_METRICS = ("rel", "t_gen", "m_gen")
+PROTOCOLS = ("token_acc", "exact", "easyedit")
+SCORE_AFTER = ("all", "each")
+EDIT_METRICS = ("rel", "t_gen", "m_gen", "port")
 LOC_METRICS = ("t_loc", "m_loc", "ci_loc", "ri_loc")
 METRICS = EDIT_METRICS + LOC_METRICS
+EASYEDIT_TOPK = {"t_loc": 1, "m_loc": 10, "ci_loc": 10, "ri_loc": 10}   # text-only: top-1; with an image: top-10
 
 
 @dataclass
@@ -46,6 +52,8 @@ def probes(case: EditCase) -> list[Probe]:
         out.append(Probe("t_gen", c.image, c.rephrase_prompt, c.target))
     if c.rephrase_image is not None:
         out.append(Probe("m_gen", c.rephrase_image, c.prompt, c.target))
+    if getattr(c, "port_prompt", ""):   # a two-hop question answered from the edited fact
+        out.append(Probe("port", c.image, c.port_prompt, c.port_answer))
     if c.loc_prompt:
         out.append(Probe("t_loc", None, c.loc_prompt, c.loc_answer))
     if c.mloc_image is not None and c.mloc_prompt:
@@ -93,6 +101,23 @@ def token_predictions(model, processor, items: Sequence[Probe], batch_size: int 
     return out
 
 
+@torch.no_grad()
+def position_topk(model, processor, items: Sequence[Probe], k: int, batch_size: int = 16) -> list[torch.Tensor]:
+    """Top-`k` token ids at every position of the teacher-forced prompt + answer (image tokens and
+    template included), one ``[positions, k]`` tensor per probe, in rank order."""
+    pad, out = pad_id_of(processor), []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        encs = [encode(processor, load_image(p.image), p.prompt, p.answer) for p in chunk]
+        batch = on_model(collate(encs, pad, side="right"), model)
+        batch.pop("labels")
+        logits = model(**batch).logits.float()
+        ids = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        real = batch["attention_mask"].bool()
+        out += [ids[i][real[i]].cpu() for i in range(len(chunk))]
+    return out
+
+
 def answer_ids(processor, items: Sequence[Probe]) -> list[torch.Tensor]:
     """The answer's token ids as `encode` appends them."""
     tok = tokenizer_of(processor)
@@ -112,38 +137,58 @@ def generations(model, processor, items: Sequence[Probe], batch_size: int = 16, 
     return out
 
 
-def _score(protocol, model, processor, items, base, batch_size):
-    """Per-probe scores in [0, 1]: edit probes against the target, locality probes against `base`."""
-    if protocol == "token_acc":
-        preds = token_predictions(model, processor, items, batch_size)
-        gold = answer_ids(processor, items)
-        scores = []
-        for p, pred, g, b in zip(items, preds, gold, base):
-            ref = g if p.metric in EDIT_METRICS else b
-            scores.append(float((pred == ref).float().mean()) if len(ref) else 0.0)
-        return scores
-    gens = generations(model, processor, items, batch_size)
-    return [float(normalize(g) == normalize(p.answer if p.metric in EDIT_METRICS else b))
-            for p, g, b in zip(items, gens, base)]
-
-
-def _base(protocol, model, processor, items, batch_size):
+def _predict(protocol, model, processor, items: Sequence[Probe], batch_size: int) -> list:
+    """What each probe is scored on: ``exact``, the greedy answer; ``token_acc``, the argmax ids at the
+    answer positions; ``easyedit``, those for edit probes and the top-k ids at every position for
+    locality probes (k from `EASYEDIT_TOPK`)."""
+    if protocol == "exact":
+        return generations(model, processor, items, batch_size)
     if protocol == "token_acc":
         return token_predictions(model, processor, items, batch_size)
-    return generations(model, processor, items, batch_size)
+    out = [None] * len(items)
+    for k in (None, *sorted(set(EASYEDIT_TOPK.values()))):      # None: the edit probes
+        idx = [i for i, p in enumerate(items) if EASYEDIT_TOPK.get(p.metric) == k]
+        sub = [items[i] for i in idx]
+        preds = token_predictions(model, processor, sub, batch_size) if k is None else \
+            position_topk(model, processor, sub, k, batch_size)
+        for i, pred in zip(idx, preds):
+            out[i] = pred
+    return out
+
+
+def agreement(pred, ref) -> float:
+    """Strings: 1 if equal after `normalize`. Id tensors: the share of equal entries over the aligned
+    last positions (EasyEdit's alignment, for inputs an in-context prefix made longer)."""
+    if isinstance(pred, str):
+        return float(normalize(pred) == normalize(ref))
+    n = min(len(pred), len(ref))
+    return float((pred[len(pred) - n:] == ref[len(ref) - n:]).float().mean()) if n else 0.0
+
+
+def _score(protocol, model, processor, items, base, batch_size) -> list[float]:
+    """Per-probe scores in [0, 1]: edit probes against the target, locality probes against `base`."""
+    preds = _predict(protocol, model, processor, items, batch_size)
+    gold = [p.answer for p in items] if protocol == "exact" else answer_ids(processor, items)
+    return [agreement(pred, b if p.metric in LOC_METRICS else g) for p, pred, g, b in zip(items, preds, gold, base)]
 
 
 def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, mode: str = "one-step",
-             k: int = 1, processor=None, batch_size: int = 16, progress: bool = True) -> dict[str, float]:
-    """Mean scores in % for rel, t_gen, m_gen, t_loc, m_loc (and ci_loc, ri_loc when cases carry them).
+             k: int = 1, score_after: str = "all", processor=None, batch_size: int = 16,
+             progress: bool = True) -> dict[str, float]:
+    """Mean scores in % for rel, t_gen, m_gen, t_loc, m_loc (and ci_loc, ri_loc, port when cases carry them).
 
     ``mode="one-step"``: reset, edit one case, score its probes. ``mode="sequential"``: in chunks of
-    ``k`` cases, reset, edit all k in order, then score every probe of the k cases.
+    ``k`` cases, reset, edit the k in order; ``score_after="all"`` scores every probe of the k cases
+    after the k-th edit, ``"each"`` scores each case right after its own edit (EasyEdit's and the
+    UniKE code's rule; earlier cases are not rescored). Locality compares with the unedited model.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     if mode not in ("one-step", "sequential"):
         raise ValueError(f"unknown mode {mode!r}; choose 'one-step' or 'sequential'")
+    if score_after not in SCORE_AFTER:
+        raise ValueError(f"unknown score_after {score_after!r}; choose 'all' (after the K-th edit) or 'each' "
+                         "(each case right after its own edit)")
     if isinstance(method, torch.nn.Module):
         if processor is None:
             raise ValueError("evaluate(model, ...) on a bare model needs processor=...")
@@ -161,21 +206,30 @@ def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, 
                                 "image paths (or load_mmedit's image_root)")
     loc_items = [p for ps in per_case for p in ps if p.metric in LOC_METRICS]
     with method.disabled():
-        base_loc = iter(_base(protocol, model, proc, loc_items, batch_size))
+        base_loc = iter(_predict(protocol, model, proc, loc_items, batch_size))
     base = [[next(base_loc) if p.metric in LOC_METRICS else None for p in ps] for ps in per_case]
     totals: dict[str, list[float]] = {}
-    chunks = range(0, len(cases), step)
+
+    def score(ids: range) -> None:
+        items = [p for i in ids for p in per_case[i]]
+        if rewrite is not None:
+            items = [replace(p, prompt=rewrite(p.prompt)) for p in items]
+        refs = [b for i in ids for b in base[i]]
+        for p, s in zip(items, _score(protocol, model, proc, items, refs, batch_size)):
+            totals.setdefault(p.metric, []).append(s)
+
+    after = f", score after {score_after}" if mode == "sequential" else ""
+    bar = tqdm(total=len(cases), desc=f"evaluate ({mode}, {protocol}{after})", disable=not progress)
     try:
-        for start in tqdm(chunks, desc=f"evaluate ({mode}, {protocol})", disable=not progress):
+        for start in range(0, len(cases), step):
             method.reset()
-            for case in cases[start:start + step]:
-                method.edit(case)
-            items = [p for ps in per_case[start:start + step] for p in ps]
-            if rewrite is not None:
-                items = [replace(p, prompt=rewrite(p.prompt)) for p in items]
-            refs = [b for bs in base[start:start + step] for b in bs]
-            for p, s in zip(items, _score(protocol, model, proc, items, refs, batch_size)):
-                totals.setdefault(p.metric, []).append(s)
+            chunk = range(start, min(start + step, len(cases)))
+            for group in ([chunk] if score_after == "all" else [range(i, i + 1) for i in chunk]):
+                for i in group:
+                    method.edit(cases[i])
+                score(group)
+                bar.update(len(group))
     finally:
+        bar.close()
         method.reset()    # no edit outlives evaluate(), even when it stops with an error
     return {m: 100.0 * sum(totals[m]) / len(totals[m]) for m in METRICS if m in totals}

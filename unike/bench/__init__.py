@@ -53,7 +53,8 @@ def write(results: dict, out, plots: bool = True) -> list[Path]:
 def main(args) -> dict:
     """Run `unike bench` from parsed CLI arguments (see `unike.cli`); returns the results written."""
     names = expand(args.methods) if args.methods != "none" else []
-    runs = settings(_list(args.task), _list(args.mode), _list(args.k, int), _list(args.protocol))
+    runs = settings(_list(args.task), _list(args.mode), _list(args.k, int), _list(args.protocol),
+                    _list(args.score_after))
     if names:
         check_settings(runs, args.n)
     elif not args.speed:
@@ -103,24 +104,26 @@ def add_arguments(p) -> None:
     p.add_argument("--task", default="vqa", help="vqa, caption, cross (comma list)")
     p.add_argument("--mode", default="one-step", help="one-step, sequential (comma list)")
     p.add_argument("--k", default="10", help="edits per sequence in sequential mode (comma list, e.g. 1,10,20)")
-    p.add_argument("--n", type=int, default=50, help="edit cases per run (a multiple of every K)")
-    p.add_argument("--protocol", default="token_acc", help="token_acc, exact (comma list)")
+    p.add_argument("--n", type=int, default=10, help="edit cases per run (a multiple of every K)")
+    p.add_argument("--protocol", default="token_acc", help="token_acc, exact, easyedit (comma list; docs/metrics.md)")
+    p.add_argument("--score-after", default="all", help="sequential runs: 'all' (every case scored after the K-th "
+                   "edit) or 'each' (right after its own edit: EasyEdit's and the UniKE code's rule); comma list")
     p.add_argument("--seed", type=int, default=0, help="seeds the cases, the fit triplets, torch and UniKEConfig")
-    p.add_argument("--triplets", type=int, default=2000, help="fit triplets per method")
-    p.add_argument("--alpha-cases", type=int, default=10, help="one-step UniKE edits for α against relevance (0: off)")
+    p.add_argument("--triplets", type=int, default=200, help="fit triplets per method")
+    p.add_argument("--alpha-cases", type=int, default=5, help="one-step UniKE edits for α against relevance (0: off)")
     p.add_argument("--out", default="bench_results", help="output folder")
     p.add_argument("--append", action="store_true", help="merge into an existing OUT/results.json")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--speed", action="store_true", help="also measure overhead, latency and size per edit")
-    p.add_argument("--speed-edits", type=int, default=1000, help="length of the latency sequence")
+    p.add_argument("--speed-edits", type=int, default=20, help="length of the latency sequence")
     p.add_argument("--speed-edits-at", type=int, default=None, help="also time edit number N after the "
                    "sequence, the state of the edits in between filled with random tensors of the real shapes")
     p.add_argument("--speed-steps", type=int, default=None, help="training steps of every latency edit "
                    "(default: the config's edit_steps)")
-    p.add_argument("--speed-fill-edits", type=int, default=100, help="edits' worth of neurons for the overhead")
+    p.add_argument("--speed-fill-edits", type=int, default=3, help="edits' worth of neurons for the overhead")
     p.add_argument("--speed-memory", type=int, default=15000, help="memory entries per layer for the overhead")
-    p.add_argument("--speed-fit", type=int, default=2000, help="fit triplets whose memory, with random entries up to "
+    p.add_argument("--speed-fit", type=int, default=64, help="fit triplets whose memory, with random entries up to "
                    "--speed-memory, is timed for the overhead (at most --triplets)")
     p.add_argument("--speed-repeats", type=int, default=20, help="timed forwards per setting")
     p.add_argument("--speed-batch", type=int, default=4, help="prompts in the timed batch")

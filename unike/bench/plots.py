@@ -45,7 +45,7 @@ def bar_charts(runs: list[dict], folder: Path) -> list[Path]:
     groups = list(dict.fromkeys(group(r) for r in rs))
     widest = max(sum(group(r) == g for r in rs) for g in groups)
     out = []
-    for metric in METRICS:
+    for metric in [m for m in METRICS if any(m in r["scores"] for r in rs)]:
         fig, axes = plt.subplots(len(groups), 1, figsize=(max(5, 0.5 * widest + 2), 2.8 * len(groups)), squeeze=False)
         for ax, g in zip(axes[:, 0], groups):
             mine = sorted((r for r in rs if group(r) == g), key=lambda r: order(r["method"]))
@@ -75,7 +75,7 @@ def k_curves(runs: list[dict], folder: Path) -> list[Path]:
         for ax, m in zip(axes[0], methods):
             mine = sorted((r for r in rs if r["method"] == m), key=lambda r: r["k"])
             ks = [r["k"] for r in mine]
-            for metric in METRICS:
+            for metric in [m for m in METRICS if any(m in r["scores"] for r in mine)]:
                 style = "--" if metric in ("ci_loc", "ri_loc") else "-"
                 ax.plot(ks, [r["scores"].get(metric, float("nan")) for r in mine], style, marker="o",
                         label=HEAD[metric])

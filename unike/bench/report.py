@@ -9,7 +9,7 @@ from .methods import ABLATIONS, ALPHAS, MAIN, ZETAS
 FIVE = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 HARD = ("ci_loc", "ri_loc")
 HEAD = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc",
-        "ci_loc": "CI-Loc", "ri_loc": "RI-Loc"}
+        "ci_loc": "CI-Loc", "ri_loc": "RI-Loc", "port": "Port"}
 NAMES = {"base": "Base model", "ftlast": "FT (last layer)", "tpatcher": "T-Patcher", "grace": "GRACE",
          "promptike": "IKE (prompt)", "latentike": "Latent IKE", "unike": "**UniKE**", "intrin-only": "1 only Intrin",
          "latent-only": "2 only Latent-IKE", "intrin+prompt-ike": "3 Intrin + IKE (prompt)",
@@ -34,7 +34,8 @@ def mean5(scores: dict) -> float | None:
 
 
 def source(run: dict) -> str:
-    return f"{run['model']} · {run['protocol']} · n={run['n']} · seed {run['seed']}"
+    after = " · scored after each edit" if run.get("score_after") == "each" else ""
+    return f"{run['model']} · {run['protocol']}{after} · n={run['n']} · seed {run['seed']}"
 
 
 def paper_source(task: str) -> str:
@@ -178,15 +179,16 @@ def speed(sp: dict) -> str:
             lines.append(f"| {key} (forward time ÷ plain model) | {label(model)} | {value:.3f} | "
                          f"{'≤ ' + str(target) if target else '–'} |")
     lat = sp.get("latency")
+    bound = f"≤ {targets['latency_ratio']}" if "latency_ratio" in targets else "–"
     if lat:
         lines.append(f"| latency_ratio_{lat['edits']}_vs_1 (median of last {lat['window']} ÷ first {lat['window']} "
                      f"edits, {lat['edit_steps']} steps each) | {lat['model']} | {lat['ratio']:.2f} | "
-                     f"≤ {targets.get('latency_ratio', '–')} |")
+                     f"{bound} |")
         filled = lat.get("filled")
         if filled:
             lines.append(f"| latency_ratio_{filled['at']}_vs_1_filled (edits {filled['at'] - lat['window'] + 1}–"
                          f"{filled['at']} ÷ first {lat['window']}; {filled['how']}) | {lat['model']} | "
-                         f"{filled['ratio']:.2f} | ≤ {targets.get('latency_ratio', '–')} |")
+                         f"{filled['ratio']:.2f} | {bound} |")
         size = lat.get("per_edit") or {}
         if size:
             lines.append(f"| parameters added per edit (neurons K, b, V, ζ′) | {lat['model']} | "

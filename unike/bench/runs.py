@@ -1,5 +1,5 @@
 """Runs of `unike bench`: the model and cases under test, one evaluation per (method, task, mode, K,
-protocol), timed edits, and the `results.json` they go into (merged across invocations with --append)."""
+protocol, score_after), timed edits, and the `results.json` they go into (merged across invocations with --append)."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,12 @@ from tqdm.auto import tqdm
 
 from ..data.case import EditCase, Triplet
 from ..data.world import SynthWorld
-from ..metrics import PROTOCOLS, evaluate
+from ..metrics import PROTOCOLS, SCORE_AFTER, evaluate
 from . import methods as registry
 
 TASKS = ("vqa", "caption", "cross")
 MODES = ("one-step", "sequential")
-RUN_KEY = ("model", "method", "task", "mode", "k", "n", "protocol", "seed")
+RUN_KEY = ("model", "method", "task", "mode", "k", "n", "protocol", "score_after", "seed")
 
 
 @dataclass
@@ -105,8 +105,9 @@ def load_setup(model: str = "tiny", data=(), image_root=None, fit_data=(), devic
     return Setup(m, p, Path(model).name or model, data=cases, fit_cases=fit_cases)
 
 
-def settings(tasks, modes, ks, protocols) -> list[dict]:
-    """Every (task, mode, k, protocol) to run; one-step runs have k = 1; task "cross" runs sequentially only."""
+def settings(tasks, modes, ks, protocols, score_after=("all",)) -> list[dict]:
+    """Every (task, mode, k, protocol, score_after) to run; one-step runs have k = 1 and score_after "all"
+    (the same thing there); task "cross" runs sequentially only."""
     out = []
     for task in tasks:
         for mode in modes:
@@ -114,9 +115,10 @@ def settings(tasks, modes, ks, protocols) -> list[dict]:
                 continue
             for k in (ks if mode == "sequential" else [1]):
                 for protocol in protocols:
-                    s = {"task": task, "mode": mode, "k": int(k), "protocol": protocol}
-                    if s not in out:
-                        out.append(s)
+                    for after in (score_after if mode == "sequential" else ["all"]):
+                        s = {"task": task, "mode": mode, "k": int(k), "protocol": protocol, "score_after": after}
+                        if s not in out:
+                            out.append(s)
     return out
 
 
@@ -131,6 +133,8 @@ def check_settings(runs: list[dict], n: int) -> None:
             raise ValueError(f"unknown mode {s['mode']!r}; choose from {MODES}")
         if s["protocol"] not in PROTOCOLS:
             raise ValueError(f"unknown protocol {s['protocol']!r}; choose from {PROTOCOLS}")
+        if s.get("score_after", "all") not in SCORE_AFTER:
+            raise ValueError(f"unknown --score-after {s['score_after']!r}; choose from {SCORE_AFTER}")
         if s["k"] < 1 or n % s["k"]:
             raise ValueError(f"--n {n} must be a positive multiple of every K (got K = {s['k']})")
         if s["task"] == "cross" and s["k"] < 2:
@@ -162,12 +166,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run(method, cases: list[EditCase], *, mode: str, k: int, protocol: str, seed: int,
+def run(method, cases: list[EditCase], *, mode: str, k: int, protocol: str, seed: int, score_after: str = "all",
         progress: bool = True) -> dict:
     """Scores (in %) and seconds per edit of one method on one list of cases."""
     timed = Timed(method)
     torch.manual_seed(seed)
-    scores = evaluate(timed, cases, protocol, mode=mode, k=k, progress=progress)
+    scores = evaluate(timed, cases, protocol, mode=mode, k=k, score_after=score_after, progress=progress)
     return {"scores": scores, "seconds_per_edit": timed.seconds / max(timed.edits, 1)}
 
 
@@ -193,7 +197,7 @@ def bench(setup: Setup, names: list[str], runs: list[dict], *, n: int, seed: int
                 key = (s["task"], n, seed, s["k"] if s["task"] == "cross" else 1)
                 cases = cache.setdefault(key, setup.cases(*key))
                 result = run(method, cases, mode=s["mode"], k=s["k"], protocol=s["protocol"], seed=seed,
-                             progress=progress)
+                             score_after=s.get("score_after", "all"), progress=progress)
                 records.append({"model": setup.label, "method": name, **s, "n": n, "seed": seed,
                                 "triplets": len(fit_set), "fit_seconds": round(fit_seconds, 3), **result})
                 bar.update()
@@ -231,6 +235,8 @@ def load(path) -> dict:
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
         raise ValueError(f"{path} is not a unike bench results.json (no 'runs' list); pass another --out")
+    for r in data["runs"]:          # written before score_after existed: every run was scored after all K
+        r.setdefault("score_after", "all")
     return data
 
 
