@@ -150,7 +150,7 @@ def test_nnsight_reads_and_steers_alpha_and_neurons(arch):
 def test_bad_layers_and_labels_raise_before_changes(arch):
     before = _logits(arch.model, arch.inputs)
     with pytest.raises(ValueError, match="out of range"):
-        unike.UniKE(arch.model, None, unike.UniKEConfig(layers=5))
+        unike.UniKE(arch.model, None, unike.UniKEConfig(layers=[0, 99]))
     editor = unike.UniKE(arch.model, None, unike.UniKEConfig(**CFG))
     bad = with_answer(arch.inputs, [7])
     bad["labels"][:] = -100
