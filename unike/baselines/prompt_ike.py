@@ -26,7 +26,7 @@ class PromptIKE:
     """In-context editing with `k` retrieved demonstrations (default 4); `inner` (e.g. an intrinsic-only
     `UniKE`) also receives every fit / edit / reset / disabled / detach (paper Table 4 row 3)."""
 
-    def __init__(self, model: nn.Module, processor, *, k: int = 4, inner=None, sep: str = "\n"):
+    def __init__(self, model: nn.Module, processor, *, k: int = 4, inner=None, sep: str = " ; "):
         if processor is None:
             raise ValueError("PromptIKE writes the edits into the prompt text: it needs the model's processor")
         if k < 1:

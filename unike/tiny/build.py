@@ -3,6 +3,9 @@
 Sequence format (shared with `unike.prompting`): prompt = `processor(text=chat_template(question),
 images=[img] or None)`, i.e. `<s> <image>x16 question words`; answer = `tokenizer(" " + answer,
 add_special_tokens=False).input_ids + [eos]`; loss on the answer and EOS only; left padding.
+In-context demonstrations ("question answer") go before the question, each followed by the word `SEP`
+(`JOIN` between texts: what `unike.baselines.PromptIKE` writes by default); an image demonstration is
+`<image>x16 question answer SEP` before the query's image.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_SIZE, PATCH = 64, 16
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16
 MEAN, STD = 0.5, 0.25
+SEP = ";"  # the separator word between demonstrations: a whole word to the whitespace pre-tokenizer
+JOIN = f" {SEP} "
 
 # "<image> " + question for a user turn with an image, the bare text otherwise; no generation prompt.
 CHAT_TEMPLATE = (
@@ -32,8 +37,8 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(world: SynthWorld | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `world.vocabulary()` plus the special tokens; BOS added, left padding."""
-    words = (world or SynthWorld(0)).vocabulary()
+    """A word-level tokenizer over `world.vocabulary()`, `SEP` and the special tokens; BOS added, left padding."""
+    words = sorted({*(world or SynthWorld(0)).vocabulary(), SEP})
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
