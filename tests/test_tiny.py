@@ -134,15 +134,13 @@ def test_separator_survives_tokenizer_and_decoding(fresh, world):
     assert tok.unk_token_id not in ids and ids.count(tok.convert_tokens_to_ids(SEP)) == 1
     assert tok.decode(ids) == text
     assert Encoder(tok).ids(text) == ids
-    assert tiny_tok_unchanged()
 
 
-def tiny_tok_unchanged():
-    """The shipped model keeps its own saved tokenizer: the new word is not in it, and it still loads."""
-    from unike.tiny.build import SEP
-
-    model, processor = load_tiny()
-    return SEP not in processor.tokenizer.get_vocab() and model.config.text_config.vocab_size == len(processor.tokenizer)
+def test_shipped_model_keeps_its_own_tokenizer(tiny):
+    """`load_tiny` reads the tokenizer saved with the weights, whatever `build_tokenizer` now makes."""
+    model, processor = tiny
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert answer(model, processor, None, "what is the capital of zarnia ?") == "aldrun"
 
 
 def test_format_a_is_what_prompt_ike_writes(fresh, world):
