@@ -119,7 +119,8 @@ class Items:
         random answer: it must not change the answer to `a`."""
         while True:
             d = self.ask(rng, kind=rng.choice(("vqa", "vqa", "text")))
-            about_it = a.entity is not None and d.subject == a.entity.name  # a text fact of the entity shown
+            # a text fact of the entity shown, or (two-hop) of the value the hop goes through
+            about_it = a.entity is not None and d.subject in (a.entity.name, a.entity.get(a.key))
             if not (d.topics & a.topics or about_it):
                 return f"{rng.choice(d.paraphrases)} {rng.choice([d.truth, *self.alternatives(d)])}"
 
