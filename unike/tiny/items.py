@@ -120,7 +120,8 @@ class Items:
         while True:
             d = self.ask(rng, kind=rng.choice(("vqa", "vqa", "text")))
             # a text fact of the entity shown, or (two-hop) of the value the hop goes through
-            about_it = a.entity is not None and d.subject in (a.entity.name, a.entity.get(a.key))
+            about_it = a.entity is not None and d.subject in (
+                a.entity.name, a.entity.get(a.key) if a.kind == "two_hop" else None)
             if not (d.topics & a.topics or about_it):
                 return f"{rng.choice(d.paraphrases)} {rng.choice([d.truth, *self.alternatives(d)])}"
 
