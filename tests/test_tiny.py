@@ -108,6 +108,9 @@ def test_train_a_few_steps(tmp_path):
     assert m["stage2_steps"] == 3 and (tmp_path / "metrics.json").is_file()
     curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [2, 3] and "b_update" in curve[0]
+    with pytest.raises(ValueError, match="icl_start.*hide_layers"):
+        train_tiny(tmp_path / "bad", stage2_steps=3, icl_start=5, hide_layers=(6,), progress=False)
+    assert not (tmp_path / "bad").exists()
     model, processor = load_tiny(path=tmp_path)
     assert not any("heads" in k for k in model.state_dict())
     assert isinstance(answer(model, processor, SynthWorld(0).render(0, 10**6), "what colour is this creature ?"), str)
@@ -258,3 +261,12 @@ def test_in_context_evaluation_runs(fresh, world):
             "b_update_visible")
     assert all(0 <= m[k] <= 100 for k in keys) and m["greedy"]["n"] == 7
     assert m["greedy"]["agrees_with_teacher_forced"] == 100.0  # an untrained model: both wrong everywhere
+
+
+def test_curriculum_schedule():
+    """With icl_start, the plain phase has its own cosine and the mix phase restarts the warm-up."""
+    from unike.tiny.train import _stage2_lr
+
+    lr = [_stage2_lr(s, 1000, 400) for s in range(1000)]
+    assert lr[99] == 1.0 and lr[399] < 0.06 and lr[400] == 1 / 30 and lr[429] == 1.0 and lr[-1] < 0.06
+    assert [_stage2_lr(s, 1000, 0) for s in (0, 99)] == [0.01, 1.0]

@@ -20,6 +20,7 @@ SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_SIZE, PATCH = 64, 16
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16
 MEAN, STD = 0.5, 0.25
+TEXT_LAYERS = 6  # Llama decoder depth; UniKE edits the last 4 by default, format B hides layers 0-1
 SEP = ";"  # the separator word between demonstrations: a whole word to the whitespace pre-tokenizer
 JOIN = f" {SEP} "
 
@@ -63,7 +64,8 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     """CLIP vision 128 x 4 layers, Llama text 128 hidden x 6 layers, 4 heads, untied embeddings."""
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=128)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+                       num_hidden_layers=TEXT_LAYERS,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -51,8 +51,9 @@ class Items:
         self.facts, self.looks = W.FACTS, W.ATTRIBUTES
         self.text_questions = getattr(world, "text_questions", W.TEXT_QUESTIONS)
         self.two_hop = {f: W.TWO_HOP_QUESTIONS[f] for f in getattr(world, "two_hop_facts", ())}
+        self.all_text = world.text_facts()
         self.text_facts: dict[str, list[tuple[str, str]]] = {}
-        for rel, subj, ans in world.text_facts():
+        for rel, subj, ans in self.all_text:
             self.text_facts.setdefault(rel, []).append((subj, ans))
 
     # ------------------------------------------------------------------ the world's questions
@@ -73,7 +74,7 @@ class Items:
 
     def ask(self, rng: random.Random, kind: str | None = None, key: str | None = None, entity=None) -> Ask:
         """A question: by default 70% about an image (15% of them looks, 10% two-hop where the world has
-        them, else facts), 15% a caption, 15% text-only (a relation at random, then a subject)."""
+        them, else facts), 15% a caption, 15% a text-only fact (each equally often)."""
         if kind is None:
             u = rng.random()
             kind = "vqa" if u < 0.70 else "caption" if u < 0.85 else "text"
@@ -88,8 +89,10 @@ class Items:
         if kind == "two_hop":
             key = key or rng.choice(list(self.two_hop))
             return Ask(kind, key, e, None, self.two_hop[key], self.world.two_hop(e, key))
-        key = key or rng.choice(list(self.text_facts))
-        subj, truth = rng.choice(self.text_facts[key])
+        if key is None:  # every text fact equally often
+            key, subj, truth = rng.choice(self.all_text)
+        else:
+            subj, truth = rng.choice(self.text_facts[key])
         return Ask("text", key, None, subj, tuple(q.format(subj) for q in self.text_questions[key]), truth)
 
     def alternatives(self, a: Ask) -> list[str]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data.world import EVAL_SEED, SynthWorld
 from .batch import Encoder, pixels
-from .build import build_tiny
+from .build import TEXT_LAYERS, build_tiny
 from .hide import hide
 from .items import Items, Mix
 
@@ -53,6 +53,13 @@ def _cosine(step: int, total: int, warmup: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _stage2_lr(step: int, total: int, icl_start: int) -> float:
+    """Stage 2's lr factor: one warm-up + cosine, or (curriculum) one for the plain phase, one from `icl_start`."""
+    if step < icl_start:
+        return _cosine(step, icl_start, 100, 0.05)
+    return _cosine(step - icl_start, total - icl_start, 30 if icl_start else 100, 0.05)
+
+
 def _groups(named_params, scale: float) -> list[dict]:
     """AdamW groups: weight decay on 2-D non-embedding weights only; `scale` multiplies the scheduled lr."""
     decay, rest = [], []
@@ -71,22 +78,34 @@ def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 4500, stage2_steps: i
                freeze_steps: int = 500, threads: int = 1, progress: bool = True, eval_per_cell: int | None = 50,
                greedy: int = 100, mix: tuple[float, float, float] = (0.5, 0.3, 0.2), cf_rate: float = 0.4,
                hide_layers: tuple[int, ...] = (0, 1), eval_every: int = 0, eval_n: int = 100,
-               chunks: int = 2, world: SynthWorld | None = None) -> dict:
+               chunks: int = 2, icl_start: int = 0, world: SynthWorld | None = None) -> dict:
     """Train from scratch on `world` (default `SynthWorld(seed)`); write model + processor (safetensors),
     metrics.json and, with `eval_every` > 0, curve.jsonl (held-out figures every `eval_every` stage-2 steps).
 
     `mix`: stage-2 weights of plain, format A and format B items (`unike.tiny.items`); `cf_rate`: share of
     format A items with a counterfactual demonstration; format B items are trained with the query's
     attention to the demonstration blocked in `hide_layers`. Each stage-2 batch, sorted by length, runs as
-    `chunks` forward passes (the same loss, less padding). Returns the metrics dict;
+    `chunks` forward passes (the same loss, less padding). With `icl_start` > 0, stage-2 steps before it
+    draw plain items only, and the mix starts at it with a fresh warm-up and cosine over the remaining
+    steps (a curriculum: plain first). Returns the metrics dict;
     `eval_per_cell=0` skips the final held-out evaluation.
     """
-    torch.set_num_threads(threads)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checks = {"batch_size": (batch_size, "positive", batch_size > 0),
+              "chunks": (chunks, "between 1 and batch_size", 1 <= chunks <= batch_size),
+              "icl_start": (icl_start, f"0 or below stage2_steps={stage2_steps}",
+                            0 <= icl_start < max(1, stage2_steps)),
+              "hide_layers": (hide_layers, f"layer indices in [0, {TEXT_LAYERS})",
+                              all(0 <= i < TEXT_LAYERS for i in hide_layers)),
+              "eval_every": (eval_every, ">= 0", eval_every >= 0)}
+    problems = [f"{name} must be {rule}, got {value!r}" for name, (value, rule, ok) in checks.items() if not ok]
+    if problems:
+        raise ValueError("train_tiny: " + "; ".join(problems))
     world = world or SynthWorld(seed)
     items = Items(world)
     sampler = Mix(items, *mix, cf_rate=cf_rate)
+    torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model, processor = build_tiny(world, seed)
     enc = Encoder(processor.tokenizer)
     vision = model.model.vision_tower
@@ -134,8 +153,9 @@ def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 4500, stage2_steps: i
         vision.requires_grad_(not frozen)
         heads.requires_grad_(not frozen)
         for g in opt.param_groups:
-            g["lr"] = LR * _cosine(step, stage2_steps, 100, 0.05) * g["scale"]
-        examples = sorted((sampler(rng) for _ in range(batch_size)), key=lambda ex: len(enc.encode(ex)[0]))
+            g["lr"] = LR * g["scale"] * _stage2_lr(step, stage2_steps, icl_start)
+        draw = sampler if step >= icl_start else items.plain
+        examples = sorted((draw(rng) for _ in range(batch_size)), key=lambda ex: len(enc.encode(ex)[0]))
         loss = _loss(model, enc, examples, chunks, hide_layers)
         aux = torch.zeros(())
         if not frozen and captured:
@@ -161,7 +181,7 @@ def train_tiny(out_dir, seed: int = 0, stage1_steps: int = 4500, stage2_steps: i
     processor.save_pretrained(out)
     metrics = {"seed": seed, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "batch_size": batch_size,
                "freeze_steps": freeze_steps, "mix": dict(zip(("plain", "a", "b"), mix)), "cf_rate": cf_rate,
-               "hide_layers": list(hide_layers), "chunks": chunks, "threads": threads, **log,
+               "hide_layers": list(hide_layers), "icl_start": icl_start, "chunks": chunks, "threads": threads, **log,
                "train_seconds": round(time.time() - t0, 1), "parameters": sum(p.numel() for p in model.parameters())}
     if eval_per_cell != 0:
         from .evaluate import evaluate_in_context, evaluate_tiny
@@ -217,6 +237,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--freeze-steps", type=int, default=500, help="stage-2 steps with the vision tower frozen")
     ap.add_argument("--mix", default="0.5,0.3,0.2", help="stage-2 weights of plain, format A, format B items")
+    ap.add_argument("--icl-start", type=int, default=0,
+                    help="stage-2 step where the mix starts (plain items before it; the lr schedule restarts)")
     ap.add_argument("--cf-rate", type=float, default=0.4, help="share of format A items with a counterfactual")
     ap.add_argument("--hide-layers", default="0,1",
                     help="decoder layers where format B queries cannot see the demonstration ('' for none)")
@@ -232,7 +254,7 @@ def main(argv=None) -> None:
     m = train_tiny(a.out, a.seed, a.stage1_steps, a.stage2_steps, a.batch_size, a.freeze_steps, a.threads,
                    eval_per_cell=a.eval_per_cell, greedy=a.greedy,
                    mix=_floats(a.mix, 3), cf_rate=a.cf_rate, hide_layers=tuple(int(x) for x in _floats(a.hide_layers)),
-                   eval_every=a.eval_every, eval_n=a.eval_n, chunks=a.chunks, world=world)
+                   eval_every=a.eval_every, eval_n=a.eval_n, chunks=a.chunks, icl_start=a.icl_start, world=world)
     print(json.dumps({k: v for k, v in m.items() if k not in ("heldout", "in_context")}, indent=1))
     print(json.dumps({k: m[k] for k in ("heldout", "in_context") if k in m}, indent=1))
 
