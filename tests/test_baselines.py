@@ -141,9 +141,10 @@ def test_prompt_ike_rewrites_and_retrieves(tiny, cases):
     for method in (ike, two):
         method.edit(a)
         method.edit(b)
-    assert ike.rewrite(a.prompt) == f"{demo_a}\n{a.prompt}"          # the most similar edit only
-    assert ike.rewrite(b.prompt) == f"{demo_b}\n{b.prompt}"
-    assert two.rewrite(a.prompt) == f"{demo_b}\n{demo_a}\n{a.prompt}"  # the most similar one last
+    assert ike.sep == " ; "                                           # a word the tiny vocabulary has
+    assert ike.rewrite(a.prompt) == f"{demo_a} ; {a.prompt}"          # the most similar edit only
+    assert ike.rewrite(b.prompt) == f"{demo_b} ; {b.prompt}"
+    assert two.rewrite(a.prompt) == f"{demo_b} ; {demo_a} ; {a.prompt}"  # the most similar one last
     with ike.disabled():
         assert ike.rewrite(a.prompt) == a.prompt
     ike.reset()
@@ -160,8 +161,8 @@ def test_evaluate_rewrites_only_edited_scores(tiny, cases, monkeypatch):
     unike.evaluate(ike, cases, progress=False)
     base = [p for enabled, p in seen if not enabled]
     edited = [p for enabled, p in seen if enabled]
-    assert base and not any("\n" in p for p in base)
-    demos = {f"{c.prompt} {c.target}\n" for c in cases}
+    assert base and not any(ike.sep in p for p in base)
+    demos = {f"{c.prompt} {c.target}{ike.sep}" for c in cases}
     assert edited and all(any(p.startswith(d) for d in demos) for p in edited)
     assert len(edited) == sum(len(unike.metrics.probes(c)) for c in cases)
 

@@ -89,7 +89,11 @@ def main(argv=None) -> int:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=train_tiny)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)  # train-tiny's options go to its own parser
+    if args.command == "train-tiny":
+        args.rest = unknown + args.rest
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.func(args)
     return 0
 

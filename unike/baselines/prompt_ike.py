@@ -3,9 +3,10 @@ written in front of each prompt.
 
 `rewrite(prompt)` returns the prompt the edited model sees: the k stored demonstrations
 "<question> <target>" most similar to the prompt, least similar first (the best one right before the
-question), then the prompt, joined by `sep`. The rewritten text goes through `prompting.encode` as the
-user's text, so the demonstrations land inside the user turn (after the image, where the chat template
-puts it). Similarity: cosine of the mean input embedding of the tokens (the model's own embedding table,
+question), then the prompt, joined by `sep` (default " ; ", the tiny model's demonstration separator: a
+word in its vocabulary, where a newline would vanish in its whitespace tokenizer). The rewritten text
+goes through `prompting.encode` as the user's text, so the demonstrations land inside the user turn
+(after the image, where the chat template puts it). Similarity: cosine of the mean input embedding of the tokens (the model's own embedding table,
 no forward pass, independent of any edit made by an inner method). `unike.evaluate` applies `rewrite` to
 every probe when scoring the edited model (never for the unedited predictions); to query by hand:
 `unike.answer(ike.model, ike.processor, image, ike.rewrite(prompt))`.
@@ -26,7 +27,7 @@ class PromptIKE:
     """In-context editing with `k` retrieved demonstrations (default 4); `inner` (e.g. an intrinsic-only
     `UniKE`) also receives every fit / edit / reset / disabled / detach (paper Table 4 row 3)."""
 
-    def __init__(self, model: nn.Module, processor, *, k: int = 4, inner=None, sep: str = "\n"):
+    def __init__(self, model: nn.Module, processor, *, k: int = 4, inner=None, sep: str = " ; "):
         if processor is None:
             raise ValueError("PromptIKE writes the edits into the prompt text: it needs the model's processor")
         if k < 1:

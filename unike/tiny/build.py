@@ -3,6 +3,9 @@
 Sequence format (shared with `unike.prompting`): prompt = `processor(text=chat_template(question),
 images=[img] or None)`, i.e. `<s> <image>x16 question words`; answer = `tokenizer(" " + answer,
 add_special_tokens=False).input_ids + [eos]`; loss on the answer and EOS only; left padding.
+In-context demonstrations ("question answer") go before the question, each followed by the word `SEP`
+(`JOIN` between texts: what `unike.baselines.PromptIKE` writes by default); an image demonstration is
+`<image>x16 question answer SEP` before the query's image.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_SIZE, PATCH = 64, 16
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16
 MEAN, STD = 0.5, 0.25
+TEXT_LAYERS = 6  # Llama decoder depth; UniKE edits the last 4 by default, format B hides layers 0-1
+SEP = ";"  # the separator word between demonstrations: a whole word to the whitespace pre-tokenizer
+JOIN = f" {SEP} "
 
 # "<image> " + question for a user turn with an image, the bare text otherwise; no generation prompt.
 CHAT_TEMPLATE = (
@@ -32,8 +38,8 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(world: SynthWorld | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `world.vocabulary()` plus the special tokens; BOS added, left padding."""
-    words = (world or SynthWorld(0)).vocabulary()
+    """A word-level tokenizer over `world.vocabulary()`, `SEP` and the special tokens; BOS added, left padding."""
+    words = sorted({*(world or SynthWorld(0)).vocabulary(), SEP})
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -58,7 +64,8 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     """CLIP vision 128 x 4 layers, Llama text 128 hidden x 6 layers, 4 heads, untied embeddings."""
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=128)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+                       num_hidden_layers=TEXT_LAYERS,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
