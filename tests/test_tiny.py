@@ -170,16 +170,19 @@ def test_format_a_is_what_prompt_ike_writes(fresh, world):
 def test_format_a_items(world):
     import random
 
-    from unike.tiny.build import JOIN
+    from unike.tiny.build import JOIN, SEP
     from unike.tiny.items import Items
 
     items, rng = Items(world), random.Random(0)
+    vocabulary = set(world.vocabulary()) | {SEP}
     cf = 0
     for _ in range(300):
         a = items.ask(rng)
         ex = items.format_a(rng, a)
         *demos, question = ex.question.split(JOIN)
         assert 1 <= len(demos) <= 4 and question in a.paraphrases
+        assert set(ex.question.split()) <= vocabulary, ex.question   # no word the tokenizer maps to <unk>
+        assert all(len(d.split()) > 1 for d in demos), demos           # each one "question answer"
         own = [d for d in demos if any(d.startswith(q + " ") for q in a.paraphrases)]
         assert len(own) <= 1  # at most one demonstration asks the queried fact
         if own:

@@ -141,9 +141,9 @@ class FitStates:
     `layers[l]` maps each key to a tensor: h_sem, h_pos, h_neg [n, d] (pre-attention states at the
     question's last token and at the final token of question + right / wrong answer), v_pos [n, d]
     (Attn(h_pos, h_pos, h_pos)), q [n, d] (the FFN input at the question's last token), q_ans [m, d]
-    (FFN inputs inside the answers and at their final token), other [o, d] (ordinary prompt tokens' pre-attention states, for the
-    relevance gate) and q_other [p, d] (FFN inputs at every 7th image token, for `prompt_negatives`;
-    empty unless the collecting editor's config sets it).
+    (FFN inputs inside the answers and at their final token), other [o, d] (ordinary prompt tokens'
+    pre-attention states, for the relevance gate) and q_other [p, d] (FFN inputs at every 7th image
+    token, for `prompt_negatives`; empty unless the collecting editor's config sets it).
     `questions`: the image questions (for image negatives).
     """
 
@@ -686,7 +686,7 @@ class UniKE:
                 logits = self.model(**batch).logits[:, -labels.shape[1]:][:, :-1].float()
                 ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE)
                 probs = logits.softmax(-1)[tgt != IGNORE].gather(-1, tgt[tgt != IGNORE][:, None])
-                reached = bool((probs > cfg.stop_prob).all())          # every target token (and EOS) generated
+                reached = bool((probs > cfg.stop_prob).all())          # every target token generated
                 act = neg_loss = torch.zeros((), device=logits.device)
                 for l in self.layer_ids:
                     patch = self.neurons[l]
