@@ -17,10 +17,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor, nn
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The text decoder's layers of a LLaVA-style model (`model.model.language_model.layers`)."""
-    return model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.language_model.layers
+from ..hooks import Hooks
+from ..locate import locate
 
 
 def blocked(demo: Bool[Tensor, "B T"]) -> Bool[Tensor, "B T T"]:
@@ -48,16 +46,14 @@ def hide(model: nn.Module, demo: Bool[Tensor, "B T"] | None, layers=(0, 1)):
         yield model
         return
     block = blocked(demo)
-    stack = decoder_layers(model)
+    stack = locate(model)
 
     def pre_hook(module, args, kwargs):
         kwargs["attention_mask"] = _masked(kwargs.get("attention_mask"), block.to(args[0].device if args else
                                                                                    kwargs["hidden_states"].device))
         return args, kwargs
 
-    handles = [stack[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in layers]
-    try:
+    with Hooks() as hooks:
+        for i in layers:
+            hooks.pre(stack[i].block, pre_hook, with_kwargs=True)
         yield model
-    finally:
-        for h in handles:
-            h.remove()
