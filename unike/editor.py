@@ -15,6 +15,7 @@ import os
 import types
 import typing
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
 
 from .data.case import EditCase, Triplet, load_image, missing_images
 from .hooks import Hooks
@@ -33,11 +35,13 @@ from .memory import LatentMemory
 from .neurons import NeuronPatch
 from .prompting import IGNORE, answer_tokens, collate, device_of, encode, eos_id_of, on_model, pad_id_of
 from .roles import answer_end_index, image_mask, image_token_id, last_index, last_prompt_index, target_positions
+from .router import EditRouter, image_codes
 from .spaces import Spaces, train_spaces
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
 MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity", "basis", "coords", "residual")
 NEURON_BUFFERS = ("keys", "bias", "values", "zeta", "truth")
+ROUTER_BUFFERS = ("mean", "std", "image_mean", "keys", "owner", "images", "has_image", "open")
 POOLS = ("negatives", "answer_negatives", "prompt_negatives", "edited")   # FFN inputs the neurons are trained against
 SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
@@ -67,6 +71,10 @@ class UniKEConfig:
     neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
     prompt_negatives: int = 0            # FFN inputs at the image tokens of fit prompts (other images' patches) kept
                                          # from fit() as negatives for the activation loss; 0: off
+    route: bool = True                   # gate each edit's neurons by its scope, read at the first edited layer
+                                         # (unike.router; ours); False: the paper's ungated neurons
+    route_question: float = 0.85         # standardised cosine to one of the edit's target positions ≥ this
+    route_image: float = 0.7             # and cosine of the prompt's image code to the edit's ≥ this
     # external knowledge (latent memory)
     latent: bool = True
     top_k: int = 40                      # paper: 40
@@ -104,6 +112,9 @@ class UniKEConfig:
             raise ValueError(f"zeta must be one of {ZETA_CHOICES}, not {self.zeta!r}")
         if not (self.intrinsic or self.latent):
             raise ValueError("intrinsic and latent are both off: nothing would be edited; enable one")
+        bad = [f"{n}={getattr(self, n)}" for n in ("route_question", "route_image") if not -1 <= getattr(self, n) <= 1]
+        if bad:
+            raise ValueError(f"UniKEConfig: {', '.join(bad)} must lie in [-1, 1] (cosines)")
         if self.fixed_alpha is not None and not 0.0 <= self.fixed_alpha <= 1.0:
             raise ValueError(f"fixed_alpha must lie in [0, 1], not {self.fixed_alpha}")
 
@@ -144,10 +155,11 @@ class FitStates:
     (FFN inputs inside the answers and at their final token), other [o, d] (ordinary prompt tokens'
     pre-attention states, for the relevance gate) and q_other [p, d] (FFN inputs at every 7th image
     token, for `prompt_negatives`; empty unless the collecting editor's config sets it).
+    img [i, d]: the mean state over the image tokens of each prompt that has them (for the router).
     `questions`: the image questions (for image negatives).
     """
 
-    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other", "q_other")
+    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other", "q_other", "img")
     layers: dict[int, dict[str, Tensor]]
     questions: list[str] = field(default_factory=list)
     trained: dict = field(default_factory=dict, repr=False)   # spaces trained on these states, per setting
@@ -225,6 +237,8 @@ class UniKE:
         self.memory = {l: LatentMemory(d, self.spaces[l], cfg.top_k, cfg.temperature, cfg.alpha, cfg.index_rank)
                        for l in self.layer_ids}
         self.neurons = {l: NeuronPatch(d, cfg.n_neurons, cfg.neuron_act, cfg.beta) for l in self.layer_ids}
+        self.router = EditRouter(d, cfg.route_question, cfg.route_image)   # at the first edited layer
+        self._image_token = image_token_id(model, processor)
         self.negatives = {l: torch.zeros(0, d) for l in self.layer_ids}   # FFN inputs of fit questions
         self.answer_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... inside fit answers
         self.prompt_negatives = {l: torch.zeros(0, d) for l in self.layer_ids}  # ... at fit prompts' image tokens
@@ -233,15 +247,23 @@ class UniKE:
         self._fit_questions: list[str] = []      # image questions seen in fit (for image negatives)
         self._x: dict[int, Tensor] = {}
         self._q: dict[int, Tensor] = {}
+        self._gate: Tensor | None = None                  # the router's g_e of the current forward pass
+        self._call: tuple = (None, None)                  # (input_ids, past_key_values) of the current call
+        self._images = weakref.WeakKeyDictionary()       # a KV cache -> its prompts' image codes
         self.hooks = Hooks()
         self._attach()
 
     # ----------------------------------------------------------------------------------------- hooks
+    def _modules(self, l: int) -> tuple[tuple[str, nn.Module], ...]:
+        """The unike_* submodules of layer l's block."""
+        own = (("unike_memory", self.memory[l]), ("unike_neurons", self.neurons[l]))
+        return own + ((("unike_router", self.router),) if l == self.layer_ids[0] else ())
+
     def _attach(self) -> None:
         for l in self.layer_ids:
             layer = self.stack[l]
             dev = device_of(layer.block)      # not its weights' device: offloaded weights wait on "meta"
-            for name, mod in (("unike_memory", self.memory[l]), ("unike_neurons", self.neurons[l])):
+            for name, mod in self._modules(l):
                 if hasattr(layer.block, name):
                     raise RuntimeError(f"layer {l} already carries {name}: another UniKE editor is attached; "
                                        "detach it first")
@@ -250,11 +272,42 @@ class UniKE:
             self.hooks.forward(layer.attn, self._shift(l))
             self.hooks.pre(layer.mlp_in, self._record_q(l), with_kwargs=True)
             self.hooks.forward(layer.mlp, self._add_neurons(l))
+        self.hooks.pre(self.model, self._record_call, with_kwargs=True)   # the call's input_ids and KV cache
+
+    def _record_call(self, module, args, kwargs):
+        cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)   # named `cache` or `past_key_values`
+        self._call = (kwargs.get("input_ids", args[0] if args else None), cache)
 
     def _record_x(self, l):
         def hook(module, args, kwargs):
             self._x[l] = args[0] if args else kwargs["hidden_states"]
+            if l == self.layer_ids[0]:
+                self._gate = self._route(self._x[l])
         return hook
+
+    def _route(self, x: Tensor) -> Tensor | None:
+        """g_e at every position of x (the first edited layer's input), or None where nothing is gated."""
+        if not (self._enabled and self.config.route and self.config.intrinsic and self.router.edits):
+            return None
+        image, has = self._image_codes(x)
+        return _follow(self.router, x)(x, image, has)
+
+    def _image_codes(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The prompts' image codes: from the image tokens where this call has them, else those kept with its
+        KV cache at the prefill step (a cached generate step sees one token); (None, None) where the model
+        does not mark image tokens in input_ids (it is then routed on the question alone)."""
+        ids, cache = self._call
+        if self._image_token is None or not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] > x.shape[1]:
+            return None, None       # no image marks, or a model that does not run input_ids' tokens as they are
+        mask = image_mask(ids, self._image_token)
+        if mask.any():
+            codes = image_codes(self._tokens(x, {"input_ids": ids}), mask.to(x.device))
+            if cache is not None:
+                self._images[cache] = codes
+            return codes
+        if cache is not None and cache in self._images:
+            return self._images[cache]
+        return x.new_zeros(len(ids), x.shape[-1]).float(), torch.zeros(len(ids), dtype=torch.bool, device=x.device)
 
     def _record_q(self, l):
         def hook(module, args, kwargs):
@@ -280,7 +333,7 @@ class UniKE:
             if not (self._enabled and self.config.intrinsic) or (patch.keys.shape[1] == 0 and patch.pending is None):
                 return None
             out = _first(output)
-            delta = _follow(patch, out)(self._q[l].to(out.device)).reshape(out.shape)
+            delta = _follow(patch, out)(self._q[l].to(out.device), self._gate).reshape(out.shape)
             out = out + delta
             return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
         return hook
@@ -318,6 +371,7 @@ class UniKE:
         memory = {l: {k: keep(getattr(m, k)) for k in MEMORY_BUFFERS} for l, m in self.memory.items()}
         neurons = {l: {k: getattr(p, k) for k in NEURON_BUFFERS} for l, p in self.neurons.items()}
         pools = {k: dict(getattr(self, k)) for k in POOLS}
+        router = {k: getattr(self.router, k) for k in ROUTER_BUFFERS}
         counters = {k: getattr(self, k) for k in ("fitted", "n_edits", "_fit_questions")}
         weights = {l: {k: v.clone() for k, v in sp.state_dict().items()}
                    for l, sp in self.spaces.items()} if spaces else {}
@@ -334,6 +388,8 @@ class UniKE:
                     self.spaces[l].load_state_dict(weights[l])
             for k, v in {**pools, **counters}.items():
                 setattr(self, k, v)
+            for k, v in router.items():
+                setattr(self.router, k, v)
             raise
 
     def _check_attached(self) -> None:
@@ -358,11 +414,13 @@ class UniKE:
         fin = answer_end_index(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
                                eos_id_of(self.model, self.processor))
         rows = torch.arange(len(sem), device=sem.device)
+        images = image_mask(inputs["input_ids"], self._image_token)
         out = {}
         for l in self.layer_ids:
             x = self._tokens(self._x[l], inputs).float()
+            img, has = image_codes(x, images) if images.shape == x.shape[:2] else (x[:, 0], images[:, 0] & False)
             out[l] = {"x": x, "h_sem": x[rows, sem], "h_pos": x[rows, fin], "q": self._tokens(self._q[l], inputs).float(),
-                      "x_rms": x[inputs["attention_mask"].bool()].pow(2).mean().sqrt()}
+                      "x_rms": x[inputs["attention_mask"].bool()].pow(2).mean().sqrt(), "img": img[has]}
         return out
 
     @staticmethod
@@ -482,6 +540,7 @@ class UniKE:
                 collected[l]["q"].append(st["q"][rows, sem].cpu())
                 collected[l]["q_ans"].append(st["q"][inside].cpu())
                 collected[l]["other"].append(st["x"][other][::7].cpu())
+                collected[l]["img"].append(st["img"].cpu())
                 if self.config.prompt_negatives:
                     collected[l]["q_other"].append(st["q"][patches][::7].cpu())
             for l, st in self._states(neg).items():
@@ -538,6 +597,8 @@ class UniKE:
             picks = torch.randperm(len(st["q_other"]), generator=torch.Generator().manual_seed(cfg.seed + l))
             self.prompt_negatives[l] = st["q_other"][picks[:cfg.prompt_negatives]]
             self.neurons[l].truth = self._zeta(l, st, gen).to(dev)
+        first = stacked[0]
+        self.router.to(dev).fit(first["h_sem"], first.get("img", first["h_sem"][:0]))
         self._fit_questions = list(states.questions)
         self.fitted = True
         self.reset()
@@ -575,6 +636,9 @@ class UniKE:
         if cfg.intrinsic:
             extra = self._image_negatives(item) if isinstance(item, EditCase) else None
             info = self._train_neurons(inputs, states, progress, extra)
+            first = states[self.layer_ids[0]]
+            self.router.add(first["x"][self._targets(inputs["labels"])],
+                            first["img"].mean(0) if len(first["img"]) else None)
         self.n_edits += 1
         return info
 
@@ -631,15 +695,20 @@ class UniKE:
             cos = cos + (F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q[rows, cols] - mu) / sd, dim=-1).T).max(1).values
         return cos / len(self.layer_ids) < self.config.neg_exclude_cos
 
+    def _targets(self, labels: Tensor) -> Tensor:
+        """The positions an edit's neurons sit at: those that predict a target token. The answer's end
+        (predicting EOS) is left out where others exist: it only trains through the loss, its state is the
+        same "answer ends" state as every other answer's."""
+        pos_mask = target_positions(labels)
+        ends = pos_mask & (F.pad(labels[:, 1:], (0, 1), value=IGNORE) == eos_id_of(self.model, self.processor))
+        return pos_mask & ~ends if (pos_mask & ~ends).any() else pos_mask
+
     def _train_neurons(self, inputs, states, progress, extra=None) -> dict[str, float]:
         cfg = self.config
         labels = inputs["labels"]
         pos_mask = target_positions(labels)                       # positions that predict target tokens
         neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
-        # the neurons sit where answer tokens are predicted; the answer's end (predicting EOS) only trains
-        # through the loss: its state is the same "answer ends" state as every other answer's
-        ends = pos_mask & (F.pad(labels[:, 1:], (0, 1), value=IGNORE) == eos_id_of(self.model, self.processor))
-        rows, cols = (pos_mask & ~ends if (pos_mask & ~ends).any() else pos_mask).nonzero(as_tuple=True)
+        rows, cols = self._targets(labels).nonzero(as_tuple=True)
         assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
         negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
         pools = {l: self._negative_pool(l, states[l]["q"], neg_mask, extra and extra[l]) for l in self.layer_ids}
@@ -723,6 +792,7 @@ class UniKE:
     def reset(self) -> "UniKE":
         """Drop every edit (neurons and the edits' memory entries); keep the fitted memory and spaces."""
         self._check_attached()
+        self.router.truncate(0)
         for l in self.layer_ids:
             self.neurons[l].clear()
             self.edited[l] = self.edited[l][:0]
@@ -736,10 +806,10 @@ class UniKE:
             return self.model
         self.hooks.remove()
         for l in self.layer_ids:
-            for name in ("unike_memory", "unike_neurons"):
+            for name, _ in self._modules(l):
                 if hasattr(self.stack[l].block, name):
                     delattr(self.stack[l].block, name)
-        self.hooks, self._x, self._q = None, {}, {}
+        self.hooks, self._x, self._q, self._gate, self._call = None, {}, {}, None, (None, None)
         return self.model
 
     # ----------------------------------------------------------------------------------------- save / load
@@ -755,6 +825,7 @@ class UniKE:
                 out[f"neurons.{l}.{k}"] = getattr(patch, k)
             for k in POOLS:
                 out[f"{k}.{l}"] = getattr(self, k)[l]
+        out.update({f"router.{k}": getattr(self.router, k) for k in ROUTER_BUFFERS})
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def save(self, path) -> Path:
@@ -834,11 +905,17 @@ class UniKE:
 
     def _upgrade(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
         """What a state saved by an older version lacks: empty `prompt_negatives` pools (the option's
-        default) and, where the memory's index has no residuals (none at any layer; older states have no
+        default), an empty router (routing then off, with a warning) and, where the memory's index has no residuals (none at any layer; older states have no
         index at all), an empty index, to be rebuilt from the saved keys after loading (the layers
         returned). Other states pass unchanged."""
         d = self.stack.hidden_size
         state = {**{f"prompt_negatives.{l}": torch.zeros(0, d) for l in self.layer_ids}, **state}
+        if "router.keys" not in state:
+            if self.config.route:
+                warnings.warn("this state was saved before edits were routed (unike.router): its edits act "
+                              "ungated, as then; loading it with route=False", stacklevel=3)
+                self.config = replace(self.config, route=False)
+            state = {**{f"router.{k}": v for k, v in EditRouter(d).state_dict().items()}, **state}
         if (any(f"memory.{l}.residual" in state for l in self.layer_ids)
                 or any(f"memory.{l}.n_fit" not in state for l in self.layer_ids)):
             return state, []
@@ -880,6 +957,12 @@ class UniKE:
                 raise ValueError(f"the saved state of layer {l} is inconsistent (memory sizes {sizes}, n_fit "
                                  f"{int(state[f'memory.{l}.n_fit'])}, neurons {neurons}, {n_edits} edits): "
                                  "it was altered or truncated; save it again")
+        routed, owner = len(state["router.has_image"]), state["router.owner"]
+        if (len(state["router.images"]) != routed or len(state["router.open"]) != routed or len(owner) != len(state["router.keys"])
+                or (len(owner) and int(owner.max()) >= routed)
+                or (self.config.intrinsic and self.config.route and routed != n_edits)):
+            raise ValueError(f"the saved router is inconsistent ({routed} edits routed, {len(owner)} keys, "
+                             f"{n_edits} edits): it was altered or truncated; save it again")
 
     def _load_state(self, state: dict[str, Tensor]) -> None:
         def cast(t: Tensor, device) -> Tensor:   # the state is fp32; a hand-made one may not be
@@ -896,6 +979,9 @@ class UniKE:
                 setattr(patch, k, cast(state[f"neurons.{l}.{k}"], dev))
             for k in POOLS:
                 getattr(self, k)[l] = cast(state[f"{k}.{l}"], "cpu")
+        dev = self.router.mean.device
+        for k in ROUTER_BUFFERS:
+            setattr(self.router, k, cast(state[f"router.{k}"], dev))
 
 
 META_FIELDS = {"config": dict, "layer_ids": list[int], "num_layers": int, "hidden_size": int, "fitted": bool,

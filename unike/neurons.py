@@ -11,7 +11,7 @@ being trained are `pending` parameters; `commit()` freezes them into the buffers
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -102,10 +102,11 @@ class NeuronPatch(nn.Module):
         p = self.pending
         return q.float() @ p["k"].to(q.device) + p["b"].to(q.device)
 
-    def forward(self, q: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+    def forward(self, q: Float[Tensor, "... d"], gate: Bool[Tensor, "... e"] | None = None) -> Float[Tensor, "... d"]:
         """The committed and the pending neurons run as two blocks, never concatenated: while an edit
         trains, the backward pass then reaches only its own n neurons and the committed edits that can
-        fire in q (`reachable`), whatever the number committed."""
+        fire in q (`reachable`), whatever the number committed. `gate`: where each committed edit may act
+        (`unike.router`); the pending edit is never gated."""
         if self.keys.shape[1] == 0 and self.pending is None:
             return torch.zeros_like(q)
         dev, x = q.device, q.float()
@@ -115,17 +116,19 @@ class NeuronPatch(nn.Module):
         zeta = self.zeta_term(zeta, self.beta)                                  # [E (+1), d]
         e, out = self.edits, 0
         if e:
-            out = self._block(x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e], self.reachable(x))
+            gate = None if gate is None else gate.reshape(*x.shape[:-1], e).to(dev)
+            out = self._block(x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e],
+                              self.reachable(x, gate), gate)
         if self.pending is not None:
             p = self.pending
             out = out + self._block(x, p["k"], p["b"], p["v"], zeta[e:])
         return out.to(q.dtype)
 
     def _block(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"],
-               values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, "e"] | None = None
-               ) -> Float[Tensor, "... d"]:
-        """act(x·K + b)·V + (per-edit activation)·β ζ′ of one block; given `edits`, only their neurons are
-        computed. Outside training the others' pre-activation is set to 0, so `activation` still sees every
+               values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, "e"] | None = None,
+               gate: Bool[Tensor, "... E"] | None = None) -> Float[Tensor, "... d"]:
+        """act(x·K + b)·V + (per-edit activation)·β ζ′ of one block, each edit's activations times its `gate`;
+        given `edits`, only their neurons are computed. Outside training the others' pre-activation is set to 0, so `activation` still sees every
         neuron; while an edit trains it sees the computed ones only, so that no step's forward or backward
         holds a tensor as wide as all the committed neurons."""
         if edits is None:
@@ -138,12 +141,15 @@ class NeuronPatch(nn.Module):
             else:
                 a = self.activation(pre)
             values, zeta = values_e, zeta[edits]
+            gate = None if gate is None else gate[..., edits]
+        if gate is not None:
+            a = a * gate.repeat_interleave(self.n, -1).to(a.dtype)
         return a @ values + a.unflatten(-1, (-1, self.n)).sum(-1) @ zeta
 
     @torch.no_grad()
-    def reachable(self, x: Float[Tensor, "... d"]) -> Int[Tensor, "e"] | None:
-        """The committed edits with a neuron that may fire somewhere in x; None when that is all of them (or
-        the activation is not ReLU). By Cauchy–Schwarz every neuron j of edit e has
+    def reachable(self, x: Float[Tensor, "... d"], gate: Bool[Tensor, "... E"] | None = None) -> Int[Tensor, "e"] | None:
+        """The committed edits with a neuron that may fire somewhere in x (and, given `gate`, that are let
+        through somewhere); None when that is all of them (or the activation is not ReLU). By Cauchy–Schwarz every neuron j of edit e has
 
             x·k_j + b_j ≤ x·c_e + |x|·ρ_e + max_j b_j,   c_e the mean of its keys, ρ_e their largest distance to it,
 
@@ -155,7 +161,10 @@ class NeuronPatch(nn.Module):
         centre, radius, top = self._bound()
         x = x.reshape(-1, x.shape[-1])
         upper = x @ centre.to(x.device) + x.norm(dim=-1, keepdim=True) * radius.to(x.device) + top.to(x.device)
-        edits = (upper > 0).any(0).nonzero().squeeze(1)
+        live = (upper > 0).any(0)
+        if gate is not None:
+            live = live & gate.reshape(-1, gate.shape[-1]).any(0)
+        edits = live.nonzero().squeeze(1)
         return None if len(edits) == self.edits else edits
 
     def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, "E"], Float[Tensor, "E"]]:

@@ -24,14 +24,15 @@ MAIN = ("base", "ftlast", "tpatcher", "grace", "promptike", "latentike", "unike"
 ABLATIONS = ("intrin-only", "latent-only", "intrin+prompt-ike", "no-collab")
 ZETAS = ("zeta-none", "zeta-random", "zeta-semantic")
 ALPHAS = ("alpha-0.0", "alpha-0.2", "alpha-0.4", "alpha-0.6", "alpha-0.8")
-GROUPS = {"main": MAIN, "ablations": ABLATIONS, "zeta": ZETAS, "alpha": ALPHAS,
-          "all": MAIN + ABLATIONS + ZETAS + ALPHAS}
+OURS = ("unrouted",)   # our additions to the paper's method, switched off one at a time
+GROUPS = {"main": MAIN, "ablations": ABLATIONS, "zeta": ZETAS, "alpha": ALPHAS, "ours": OURS,
+          "all": MAIN + ABLATIONS + ZETAS + ALPHAS + OURS}
 BASELINES = {"ftlast": "FTLast", "tpatcher": "TPatcher", "grace": "GRACE", "promptike": "PromptIKE",
              "latentike": "LatentIKE"}
 VARIANTS = {  # UniKEConfig switches of each UniKE variant
     "unike": {}, "intrin-only": {"latent": False}, "latent-only": {"intrinsic": False},
     "no-collab": {"collaboration": False}, "zeta-none": {"zeta": "none"}, "zeta-random": {"zeta": "random"},
-    "zeta-semantic": {"zeta": "semantic"},
+    "zeta-semantic": {"zeta": "semantic"}, "unrouted": {"route": False},
 }
 ALPHA = re.compile(r"alpha-(\d+(?:\.\d+)?)$")
 

@@ -1,0 +1,106 @@
+"""The per-edit router (`unike.router`): its gate against values computed by hand, and on the tiny model
+an edit that acts on its own question and its rephrasings but not on another entity's image, a state
+saved before routing, and `route=False` as the paper's ungated neurons."""
+import hashlib
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import unike
+from unike.router import EditRouter, image_codes
+
+
+def test_gate_by_hand():
+    r = EditRouter(2, tau_question=0.9, tau_image=0.5)
+    r.fit(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]),    # mean 0, std (0.82, 1.63)
+          torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))                            # image mean 0
+    r.add(torch.tensor([[1.0, 0.0]]), torch.tensor([2.0, 0.0]))               # edit 0: key (1, 0), image (1, 0)
+    r.add(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), None)                      # edit 1: text only, two keys
+    sd = torch.tensor([1.0, 2.0]).div(3 ** 0.5).mul(2 ** 0.5)                  # the unbiased std of the fit rows
+    k1 = F.normalize(torch.tensor([1.0, 1.0]) / sd, dim=0)
+    x = torch.tensor([[[3.0, -0.5], [0.0, 5.0], [1.0, 1.0]]])                # three positions
+    # edit 0, key (1, 0): position 0 (cos 0.997 ≥ 0.9); not 2 (standardised it is k1: cos 0.894)
+    # edit 1: position 1 matches (0, 1); position 2 is k1; position 0 is 0.854 from k1 and -0.08 from (0, 1)
+    want = torch.tensor([[[True, False], [False, True], [False, True]]])
+    assert torch.allclose(r.standardize(torch.tensor([1.0, 1.0])), k1)
+    assert torch.equal(r(x, torch.tensor([[4.0, 3.0]]), torch.tensor([True])), want)       # image cos 0.8
+    off = r(x, torch.tensor([[-1.0, 3.0]]), torch.tensor([True]))                           # image cos -0.32
+    assert torch.equal(off, want & torch.tensor([False, True]))
+    assert torch.equal(r(x, torch.zeros(1, 2), torch.tensor([False])), off)                 # no image: edit 0 off
+    assert torch.equal(r(x, None, None), want)                                             # unknown: question only
+    r.truncate(1)
+    assert r.edits == 1 and len(r.keys) == 1 and torch.equal(r(x, None, None), want[..., :1])
+
+
+def test_image_codes_mean_over_image_tokens():
+    x = torch.arange(12.0).reshape(2, 3, 2)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    codes, has = image_codes(x, mask)
+    assert torch.equal(codes, torch.tensor([[2.0, 3.0], [0.0, 0.0]])) and has.tolist() == [True, False]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = unike.load_tiny()
+    world = unike.SynthWorld(seed=0)
+    editor = unike.UniKE(model, processor)
+    editor.fit(world.triplets(n=300, seed=3), progress=False)
+    yield model, processor, world, editor
+    editor.detach()
+
+
+def _gate_last(editor, image, prompt):
+    """The router's gate of every committed edit at the prompt's last token."""
+    from unike.prompting import encode, on_model
+    with torch.no_grad():
+        editor.model(**on_model(encode(editor.processor, image, prompt), editor.model))
+    return editor._gate[0, -1]
+
+
+def test_edit_routes_to_its_scope_only(tiny):
+    model, processor, world, editor = tiny
+    cases = world.edit_cases("vqa", n=6, seed=21)
+    editor.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in cases:
+            editor.edit(case)
+    inside = outside = 0
+    for e, c in enumerate(cases):
+        inside += int(_gate_last(editor, c.image, c.prompt)[e]) + int(_gate_last(editor, c.image, c.rephrase_prompt)[e])
+        outside += int(_gate_last(editor, c.ri_image, c.prompt)[e]) + int(_gate_last(editor, c.image, c.ci_prompt)[e])
+        outside += int(_gate_last(editor, None, c.loc_prompt)[e])
+    assert inside == 12 and outside <= 1, (inside, outside)
+    assert unike.answer(model, processor, cases[0].image, cases[0].prompt) == cases[0].target
+    editor.reset()
+    assert editor.router.edits == 0 and editor._route(torch.zeros(1, 1, 1)) is None
+
+
+def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
+    model, processor = unike.load_tiny()
+    world = unike.SynthWorld(seed=0)
+    case = world.edit_cases("vqa", n=1, seed=22)[0]
+    editor = unike.UniKE(model, processor, unike.UniKEConfig(route=False))
+    editor.fit(world.triplets(n=32, seed=3), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        editor.edit(case)
+    assert editor._route(torch.zeros(1, 1, 1)) is None       # entered in the router all the same
+    editor.config = unike.UniKEConfig()                   # as an editor of a version before routing saved it
+    editor.save(tmp_path / "s")
+    editor.detach()
+    state = {k: v for k, v in load_file(str(tmp_path / "s" / "unike.safetensors")).items() if not k.startswith("router.")}
+    save_file(state, str(tmp_path / "s" / "unike.safetensors"))
+    meta = json.loads((tmp_path / "s" / "unike.json").read_text())
+    meta["sha256"] = hashlib.sha256((tmp_path / "s" / "unike.safetensors").read_bytes()).hexdigest()
+    meta["config"].pop("route"), meta["config"].pop("route_question"), meta["config"].pop("route_image")
+    (tmp_path / "s" / "unike.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="before edits were routed"):
+        old = unike.UniKE.load(model, processor, tmp_path / "s")
+    assert old.config.route is False and old.n_edits == 1 and old._route(torch.zeros(1, 1, 1)) is None
+    assert unike.answer(model, processor, case.image, case.prompt) == case.target
+    old.detach()
