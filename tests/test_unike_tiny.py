@@ -33,9 +33,9 @@ def _evaluate(editor, cases, **kw):
 # for the same code, the lower is kept: captions' ci_loc was 94 on one and 88 on another (3 cases of 50
 # flip with the rounding of 60 training steps). The issue's targets are rel 97 / t_gen 95 / m_gen 93 /
 # t_loc 97 / m_loc 95 / ci 90 / ri 90.
-MEASURED = {
-    "vqa": dict(rel=100, t_gen=100, m_gen=98, t_loc=98, m_loc=98, ci_loc=90, ri_loc=98),
-    "caption": dict(rel=99.1, t_gen=95.7, m_gen=94.0, t_loc=100, m_loc=100, ci_loc=88, ri_loc=98.9),
+MEASURED = {   # with the router (route=True); unrouted: vqa 100/100/98/98/98, ci 90, ri 98
+    "vqa": dict(rel=100, t_gen=100, m_gen=96, t_loc=100, m_loc=100, ci_loc=100, ri_loc=98),
+    "caption": dict(rel=99.7, t_gen=94.9, m_gen=93.4, t_loc=100, m_loc=100, ci_loc=100, ri_loc=100),
 }
 
 
@@ -52,7 +52,7 @@ def test_sequential_k20_mean_of_five(setup):
     _, _, world, editor = setup
     s = _evaluate(editor, world.edit_cases("vqa", n=20, seed=12), mode="sequential", k=20)
     print("sequential", {k: round(v, 1) for k, v in s.items()}, flush=True)
-    assert sum(s[k] for k in FIVE) / 5 >= 88, s   # target 90; measured 91.0 (same 3-point allowance)
+    assert sum(s[k] for k in FIVE) / 5 >= 91, s   # target 90; measured 94.0 (91.0 unrouted; 3-point allowance)
 
 
 def test_edit_answers_target_and_detach_restores(setup):
@@ -86,9 +86,10 @@ def test_unrelated_answers_after_20_edits(setup, task):
     """What a user sees: the greedy answers of 30 never-edited cases' questions (text-only, another image,
     their own image) after 20 sequential edits. No answer may run on past where it stopped before (the
     defect was edits' answer-internal neurons firing at every answer's end: "moss" -> "moss the desert
-    the ..."). Measured: 3/90 answers changed after 20 caption edits, 11/90 after 20 VQA edits (single
-    words: edits leaking into the same fact of other entities; the target is 0), and 2 of the 20 edited
-    captions run on after the sequence (later caption edits firing inside earlier ones' answers)."""
+    the ..."). Measured with the router: 2/90 answers changed after 20 caption edits, 6/90 after 20 VQA
+    edits, 3 of which ask the very entity and fact an edit changed (this world's lists are not
+    sequence-safe); no edited answer runs on. Unrouted: 3/90 and 11/90, and 2 of the 20 edited captions
+    ran on (later caption edits firing inside earlier ones' answers)."""
     model, processor, world, editor = setup
     cases = world.edit_cases("vqa", n=30, seed=77)
     probes = [p for c in cases for p in ((None, c.loc_prompt), (c.mloc_image, c.mloc_prompt), (c.image, c.prompt))]
@@ -108,5 +109,5 @@ def test_unrelated_answers_after_20_edits(setup, task):
     ran_on = [e for e, c in zip(edited, edits) if len(e.split()) > len(c.target.split())]
     print(task, f"changed {changed}/90, edited answers run on {len(ran_on)}/20", flush=True)
     assert not longer, f"answers ran on after {task} edits: {longer[:5]}"
-    assert changed <= {"caption": 6, "vqa": 20}[task], f"{changed}/90 unrelated answers changed"
-    assert len(ran_on) <= {"caption": 4, "vqa": 1}[task], ran_on
+    assert changed <= {"caption": 5, "vqa": 9}[task], f"{changed}/90 unrelated answers changed"
+    assert len(ran_on) <= 1, ran_on
