@@ -170,7 +170,8 @@ contrastive learning on triplets (image + question Q_I, right answer A_pos, wron
   kept: **h_sem** at the question's last token, **h_pos** and **h_neg** at the final token of each answer.
 * **Truthfulness space** (Eq. 4, supervised contrastive): Enc_tru pulls right-answer states together and
   away from wrong-answer states. **ζ** = mean Enc_tru(h_pos) − mean Enc_tru(h_neg) is the direction toward
-  truthful knowledge; each edit learns W_ζ and adds ζ′ = W_ζ ζ to its neurons' values (Eq. 6).
+  truthful knowledge; a linear decoder fitted with the spaces maps it back to the hidden space, and every
+  new edit adds ζ′ = Dec(ζ), times β, to its neurons' values (Eq. 6).
 * **Semantic space** (Eq. 5): Enc_sem maps a sample's answer states, right *and* wrong, onto its own
   question state h_sem. So cos(Enc_sem(retrieved knowledge), current state) says whether the retrieved
   knowledge is about this input: that cosine is **α**, how much of it the latent memory mixes into the

@@ -333,6 +333,9 @@ class UniKE:
             if not (self._enabled and self.config.intrinsic) or (patch.keys.shape[1] == 0 and patch.pending is None):
                 return None
             out = _first(output)
+            if self._gate is not None and self._gate.shape[-1] != patch.edits:
+                raise RuntimeError(f"the router holds {self._gate.shape[-1]} edits but layer {l} has {patch.edits}: "
+                                   "neurons were added without editor.edit(); add them through it (or route=False)")
             delta = _follow(patch, out)(self._q[l].to(out.device), self._gate).reshape(out.shape)
             out = out + delta
             return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
@@ -605,16 +608,20 @@ class UniKE:
         return self
 
     def _zeta(self, l: int, st: dict[str, Tensor], gen: torch.Generator) -> Tensor:
+        """ζ′ of new edits at layer l, a hidden-space direction fixed here (Fig. 4c variants): the truthful
+        Dec(ζ), the semantic space's right − wrong mean, a random direction of the truthful norm, or none."""
         sp, kind = self.spaces[l], self.config.zeta
         if kind == "none" or not self.config.collaboration:
             return torch.zeros(0)
         with torch.no_grad():
+            truthful = sp.zeta_prime().detach().cpu()
             if kind == "semantic":
                 s, dev = sp.standardize, sp.zeta.device     # the states were collected on the CPU
-                return (sp.sem(s(st["h_pos"].to(dev))).mean(0) - sp.sem(s(st["h_neg"].to(dev))).mean(0)).cpu()
+                sem = sp.sem(s(st["h_pos"].to(dev))).mean(0) - sp.sem(s(st["h_neg"].to(dev))).mean(0)
+                return (sem * s.std).cpu()
             if kind == "random":
-                return torch.randn(sp.zeta.shape, generator=gen) * sp.zeta.norm() / sp.zeta.numel() ** 0.5
-            return sp.zeta.detach().cpu().clone()
+                return F.normalize(torch.randn(truthful.shape, generator=gen), dim=0) * truthful.norm()
+            return truthful.clone()
 
     # ----------------------------------------------------------------------------------------- edit
     @atomic(spaces=False)
@@ -732,15 +739,12 @@ class UniKE:
                 k_in = self._init_keys(q_pos[assign[~first]], pool, pool.mean(0))
                 keys[:, ~first], bias[~first] = k_in, -(pool.mean(0) @ k_in)
             patch = self.neurons[l]
-            patch.begin(keys, bias, use_zeta=cfg.collaboration and cfg.zeta != "none")
+            patch.begin(keys, bias)
             # step sizes relative to each tensor's natural scale, so one edit_lr fits every model width
             v_lr = cfg.edit_lr * float(states[l]["x_rms"])
             groups += [{"params": [patch.pending["k"]], "lr": cfg.edit_lr * float(keys.pow(2).mean().sqrt())},
                        {"params": [patch.pending["b"]], "lr": cfg.edit_lr * cfg.margin_pos},
                        {"params": [patch.pending["v"]], "lr": v_lr}]
-            if patch.w_zeta is not None:
-                groups.append({"params": list(patch.w_zeta.parameters()),
-                               "lr": v_lr / float(patch.truth.abs().sum().clamp_min(1e-6))})
         opt = torch.optim.Adam(groups)
 
         def violation(z: Tensor) -> Tensor:    # mean over the violating negatives: hard ones are not diluted
@@ -905,11 +909,19 @@ class UniKE:
 
     def _upgrade(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
         """What a state saved by an older version lacks: empty `prompt_negatives` pools (the option's
-        default), an empty router (routing then off, with a warning) and, where the memory's index has no residuals (none at any layer; older states have no
+        default), an empty router (routing then off, with a warning), ζ′ decoders (new edits without ζ′,
+        with a warning) and, where the memory's index has no residuals (none at any layer; older states have no
         index at all), an empty index, to be rebuilt from the saved keys after loading (the layers
         returned). Other states pass unchanged."""
         d = self.stack.hidden_size
         state = {**{f"prompt_negatives.{l}": torch.zeros(0, d) for l in self.layer_ids}, **state}
+        old_zeta = [l for l in self.layer_ids if f"spaces.{l}.decoder" not in state]
+        if old_zeta:
+            warnings.warn("this state was saved when each edit learned its own W_ζ: its edits keep their ζ′, and "
+                          "edits made after loading carry none (fit again for the fixed ζ′ = Dec(ζ))", stacklevel=3)
+            for l in old_zeta:
+                state[f"spaces.{l}.decoder"] = torch.zeros(self.config.truth_dim, d)
+                state[f"neurons.{l}.truth"] = torch.zeros(0)
         if "router.keys" not in state:
             if self.config.route:
                 warnings.warn("this state was saved before edits were routed (unike.router): its edits act "
@@ -953,7 +965,7 @@ class UniKE:
                     or {len(state[f"memory.{l}.{k}"]) for k in ("coords", "residual")} != {n_fit}
                     or state[f"memory.{l}.coords"].shape[1] != len(state[f"memory.{l}.basis"])
                     or len(set(neurons)) > 1 or edits != n_edits
-                    or state[f"neurons.{l}.truth"].numel() not in (0, self.config.truth_dim)):
+                    or state[f"neurons.{l}.truth"].numel() not in (0, self.stack.hidden_size)):
                 raise ValueError(f"the saved state of layer {l} is inconsistent (memory sizes {sizes}, n_fit "
                                  f"{int(state[f'memory.{l}.n_fit'])}, neurons {neurons}, {n_edits} edits): "
                                  "it was altered or truncated; save it again")

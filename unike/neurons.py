@@ -2,8 +2,8 @@
 
     FFN_edit(q) = FFN(q) + act(q·K + b) · (V + β·ζ′)
 
-Every edit adds `n` neurons (columns of K, entries of b, rows of V) and one ζ′ = W_ζ ζ, its
-truthfulness direction mapped to the hidden space. All edits of a layer live in one tensor each, so
+Every edit adds `n` neurons (columns of K, entries of b, rows of V) and carries ζ′, the truthfulness
+direction mapped to the hidden space (`Spaces.zeta_prime`, fixed at fit time; β scales it). All edits of a layer live in one tensor each, so
 the cost of a forward pass does not grow with the number of modules; with ReLU, only the edits whose
 neurons can fire in the batch are computed (`reachable`, a per-edit bound). The neurons of the edit
 being trained are `pending` parameters; `commit()` freezes them into the buffers.
@@ -39,14 +39,13 @@ class NeuronPatch(nn.Module):
         self.register_buffer("values", torch.zeros(0, dim))
         self.register_buffer("zeta", torch.zeros(0, dim))     # ζ′ of each committed edit
         self.pending: nn.ParameterDict | None = None
-        self.w_zeta: nn.Linear | None = None
-        self.register_buffer("truth", torch.zeros(0))          # ζ in the truthfulness space (set by fit)
+        self.register_buffer("truth", torch.zeros(0))          # ζ′ [d] for new edits (set by fit; empty: none)
 
     @property
     def edits(self) -> int:
         return self.zeta.shape[0]
 
-    def begin(self, keys: Float[Tensor, "d n"], bias: Float[Tensor, "n"], use_zeta: bool) -> None:
+    def begin(self, keys: Float[Tensor, "d n"], bias: Float[Tensor, "n"]) -> None:
         """Start training a new edit's neurons from initial keys and biases (values start at zero)."""
         d = self.keys.shape[0]
         self.pending = nn.ParameterDict({
@@ -54,15 +53,12 @@ class NeuronPatch(nn.Module):
             "b": nn.Parameter(bias.clone().float()),
             "v": nn.Parameter(torch.zeros(keys.shape[1], d, device=keys.device)),
         })
-        self.w_zeta = nn.Linear(self.truth.numel(), d, bias=False).to(keys.device) if use_zeta and self.truth.numel() else None
-        if self.w_zeta is not None:
-            nn.init.zeros_(self.w_zeta.weight)
 
-    def pending_zeta(self) -> Tensor:
-        d = self.keys.shape[0]
-        if self.w_zeta is None:
-            return torch.zeros(1, d, device=self.keys.device)
-        return self.w_zeta(self.truth.to(self.w_zeta.weight))[None]
+    def pending_zeta(self) -> Float[Tensor, "1 d"]:
+        """The new edit's ζ′: the fitted direction, or zeros where there is none."""
+        if not self.truth.numel():
+            return self.keys.new_zeros(1, self.keys.shape[0])
+        return self.truth.to(self.keys)[None]
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -73,10 +69,10 @@ class NeuronPatch(nn.Module):
         self.bias = torch.cat([self.bias, p["b"].detach()])
         self.values = torch.cat([self.values, p["v"].detach()])
         self.zeta = torch.cat([self.zeta, self.pending_zeta().detach()])
-        self.pending, self.w_zeta = None, None
+        self.pending = None
 
     def discard(self) -> None:
-        self.pending, self.w_zeta = None, None
+        self.pending = None
 
     @torch.no_grad()
     def clear(self) -> None:

@@ -54,11 +54,13 @@ class EditRouter(nn.Module):
         return F.normalize(image.float() - self.image_mean.to(image.device), dim=-1)
 
     @torch.no_grad()
-    def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, "d"] | None) -> None:
-        """Enter one edit: its states at the target positions and its image code (None: no image)."""
+    def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, "d"] | None, everywhere: bool = False) -> None:
+        """Enter one edit: its states at the target positions and its image code (None: no image);
+        `everywhere`: let it act at every position (the speed bench's synthetic edits)."""
         targets = targets.to(self.keys.device).float()
         seen = image is not None and len(self.image_mean) > 0 and not _at(image.to(self.keys), self.image_mean)
-        self.open = torch.cat([self.open, self.open.new_tensor([_at(targets / self.std, self.mean / self.std)])])
+        everywhere = everywhere or _at(targets / self.std, self.mean / self.std)
+        self.open = torch.cat([self.open, self.open.new_tensor([everywhere])])
         self.keys = torch.cat([self.keys, self.standardize(targets)])
         self.owner = torch.cat([self.owner, self.owner.new_full((len(targets),), self.edits)])
         code = self.image_code(image.to(self.keys.device)) if seen else self.images.new_zeros(self.images.shape[1])

@@ -6,6 +6,9 @@ Both encoders are small MLPs trained by contrastive learning on the triplet stat
   retrieved knowledge is about this input;
 * the **truthfulness** encoder pulls right-answer states together and away from wrong-answer states
   (Eq. 4); ζ = mean Enc_tru(h_pos) − mean Enc_tru(h_neg) is the direction toward truthful knowledge.
+  A linear decoder fitted by least squares on the same states maps the truthfulness space back to the
+  hidden space, so ζ′ = Dec(ζ) is a hidden-space direction fixed by the triplets (ours: the paper's W_ζ
+  is not specified further; one W_ζ trained per edit from zero made ζ′ the same whatever ζ was).
 
 All states are standardised per layer (see `Standardizer`) before they enter either space.
 """
@@ -87,6 +90,7 @@ class Spaces(nn.Module):
         self.sem = Encoder(dim, hidden, dim)
         self.tru = Encoder(dim, hidden, truth_dim)
         self.register_buffer("zeta", torch.zeros(truth_dim))
+        self.register_buffer("decoder", torch.zeros(truth_dim, dim))   # Dec: truth space → standardised states
 
     @torch.no_grad()
     def compute_zeta(self, h_pos: Float[Tensor, "n d"], h_neg: Float[Tensor, "n d"]) -> Tensor:
@@ -94,6 +98,20 @@ class Spaces(nn.Module):
         s = self.standardize
         self.zeta.copy_(self.tru(s(h_pos)).mean(0) - self.tru(s(h_neg)).mean(0))
         return self.zeta
+
+    @torch.no_grad()
+    def fit_decoder(self, h: Float[Tensor, "n d"], ridge: float = 1e-3) -> None:
+        """Dec = argmin ‖(Z − z̄)·Dec − (S − s̄)‖² + λ‖Dec‖², Z = Enc_tru(S), S the standardised states."""
+        s = self.standardize(h)
+        z = self.tru(s)
+        z, s = z - z.mean(0), s - s.mean(0)
+        gram = z.T @ z
+        gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
+        self.decoder.copy_(torch.linalg.solve(gram, z.T @ s))
+
+    def zeta_prime(self) -> Float[Tensor, "d"]:
+        """ζ′ = Dec(ζ) in the hidden space's own units (the standardisation's σ put back)."""
+        return (self.zeta @ self.decoder) * self.standardize.std
 
 
 def train_spaces(spaces: list[Spaces], states: list[dict[str, Tensor]], *, steps: int = 300,
@@ -121,4 +139,5 @@ def train_spaces(spaces: list[Spaces], states: list[dict[str, Tensor]], *, steps
         curve.append({"truth": l_tru.item() / len(spaces), "semantic": l_sem.item() / len(spaces)})
     for sp, st in zip(spaces, states):
         sp.compute_zeta(st["h_pos"], st["h_neg"])
+        sp.fit_decoder(torch.cat([st["h_pos"], st["h_neg"]]))
     return curve

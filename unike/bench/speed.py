@@ -76,10 +76,11 @@ def fill(editor: UniKE, edits: int = 0, memory: int = 0, seed: int = 0, fitted: 
         patch = editor.neurons[l]
         dev = patch.keys.device
         for _ in range(edits):
-            patch.begin(torch.randn(d, n, generator=gen).to(dev) / d ** 0.5, torch.randn(n, generator=gen).to(dev),
-                        use_zeta=False)
+            patch.begin(torch.randn(d, n, generator=gen).to(dev) / d ** 0.5, torch.randn(n, generator=gen).to(dev))
             patch.pending["v"].copy_(torch.randn(n, d, generator=gen))
             patch.commit()
+            if l == editor.layer_ids[0]:      # routed everywhere: every synthetic edit is computed (the worst case)
+                editor.router.add(torch.zeros(1, d), None, everywhere=True)
         if memory:
             editor.memory[l].add(*(torch.randn(memory, d, generator=gen) for _ in range(3)), fitted=fitted)
 
