@@ -147,9 +147,9 @@ def _patch(d=16, n=4, edits=3, seed=0, sparse=False):
     patch = NeuronPatch(d, n)
     for _ in range(edits):
         if sparse:
-            patch.begin(torch.randn(d, 1) + 0.05 * torch.randn(d, n), -12.0 + 0.1 * torch.randn(n), use_zeta=False)
+            patch.begin(torch.randn(d, 1) + 0.05 * torch.randn(d, n), -12.0 + 0.1 * torch.randn(n))
         else:
-            patch.begin(torch.randn(d, n), torch.randn(n) - 0.5, use_zeta=False)
+            patch.begin(torch.randn(d, n), torch.randn(n) - 0.5)
         patch.pending["v"].data.normal_()
         patch.commit()
     patch.zeta = torch.randn_like(patch.zeta)
@@ -178,7 +178,7 @@ def _sparse():
 @pytest.mark.parametrize("case", [_dense, _sparse], ids=["every-edit", "reachable-edits"])
 def test_neuron_blocks_match_the_concatenated_formula_with_gradients(case):
     patch, x = case()
-    patch.begin(torch.randn(16, 4), torch.randn(4), use_zeta=False)
+    patch.begin(torch.randn(16, 4), torch.randn(4))
     patch.pending["v"].data.normal_()
     x.requires_grad_(True)
     out, ref = patch(x), _reference(patch, x)
@@ -229,14 +229,14 @@ def test_the_bound_follows_new_edits_and_keys_changed_in_place():
         patch.keys[:, :patch.n] *= -1                      # in place: edit 0 now points away
     assert 0 not in patch.reachable(x).tolist()
     assert torch.allclose(patch(x), _reference(patch, x), atol=1e-5)
-    patch.begin(x.T.repeat(1, patch.n) / x.pow(2).sum(), torch.zeros(patch.n), use_zeta=False)
+    patch.begin(x.T.repeat(1, patch.n) / x.pow(2).sum(), torch.zeros(patch.n))
     patch.commit()                                         # a new edit that fires on x
     assert patch.edits - 1 in patch.reachable(x).tolist()
 
 
 def test_gathered_neurons_are_reused_between_steps_and_follow_changes():
     patch, x = _sparse()
-    patch.begin(torch.randn(16, 4), torch.randn(4), use_zeta=False)      # training: the compact path
+    patch.begin(torch.randn(16, 4), torch.randn(4))      # training: the compact path
     out = patch(x)
     kept = patch._gather_cache[3]
     assert torch.equal(patch(x), out) and patch._gather_cache[3] is kept     # the next step reuses the copies
@@ -245,3 +245,19 @@ def test_gathered_neurons_are_reused_between_steps_and_follow_changes():
     assert torch.allclose(patch(x), _reference(patch, x), atol=1e-5) and patch._gather_cache[3] is not kept
     patch.commit()
     assert torch.allclose(patch(x), _reference(patch, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [_dense, _sparse], ids=["every-edit", "reachable-edits"])
+def test_gated_neurons_are_the_formula_with_gated_activations(case):
+    """NeuronPatch(q, gate): each committed edit's activations times its gate (the router's g_e), the
+    edits gated off everywhere left out of the computation; the pending edit is never gated."""
+    patch, x = case()
+    gate = torch.rand(*x.shape[:-1], patch.edits) > 0.5
+    gate[0, 2, 5 % patch.edits] = True
+    keys, bias, values, zeta = patch.parts()
+    a = torch.relu(x @ keys + bias) * gate.repeat_interleave(patch.n, -1)
+    want = a @ values + a.unflatten(-1, (-1, patch.n)).sum(-1) @ (patch.beta * zeta)
+    assert torch.allclose(patch(x, gate), want, atol=1e-5)
+    assert torch.equal(patch(x, torch.zeros_like(gate)), torch.zeros_like(x))
+    live = patch.reachable(x, gate)
+    assert live is None or set(live.tolist()) <= set(gate.flatten(0, 1).any(0).nonzero().flatten().tolist())
