@@ -93,7 +93,8 @@ def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
     editor.config = unike.UniKEConfig()                   # as an editor of a version before routing saved it
     editor.save(tmp_path / "s")
     editor.detach()
-    state = {k: v for k, v in load_file(str(tmp_path / "s" / "unike.safetensors")).items() if not k.startswith("router.")}
+    saved = load_file(str(tmp_path / "s" / "unike.safetensors"))
+    state = {k: v for k, v in saved.items() if not k.startswith("router.")}
     save_file(state, str(tmp_path / "s" / "unike.safetensors"))
     meta = json.loads((tmp_path / "s" / "unike.json").read_text())
     meta["sha256"] = hashlib.sha256((tmp_path / "s" / "unike.safetensors").read_bytes()).hexdigest()

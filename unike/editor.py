@@ -41,7 +41,7 @@ from .spaces import Spaces, train_spaces
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
 MEMORY_BUFFERS = ("keys", "values", "attn_values", "n_fit", "min_similarity", "basis", "coords", "residual")
 NEURON_BUFFERS = ("keys", "bias", "values", "zeta", "truth")
-ROUTER_BUFFERS = ("mean", "std", "image_mean", "keys", "owner", "images", "has_image", "open")
+ROUTER_BUFFERS = tuple(name for name, _ in EditRouter(1).named_buffers())
 POOLS = ("negatives", "answer_negatives", "prompt_negatives", "edited")   # FFN inputs the neurons are trained against
 SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
@@ -421,9 +421,10 @@ class UniKE:
         out = {}
         for l in self.layer_ids:
             x = self._tokens(self._x[l], inputs).float()
-            img, has = image_codes(x, images) if images.shape == x.shape[:2] else (x[:, 0], images[:, 0] & False)
+            aligned = images.shape == x.shape[:2]       # else the model does not run input_ids' tokens as they are
+            img = image_codes(x, images)[0][images.any(1)] if aligned else x[:0, 0]    # rows with an image
             out[l] = {"x": x, "h_sem": x[rows, sem], "h_pos": x[rows, fin], "q": self._tokens(self._q[l], inputs).float(),
-                      "x_rms": x[inputs["attention_mask"].bool()].pow(2).mean().sqrt(), "img": img[has]}
+                      "x_rms": x[inputs["attention_mask"].bool()].pow(2).mean().sqrt(), "img": img}
         return out
 
     @staticmethod
@@ -970,8 +971,8 @@ class UniKE:
                                  f"{int(state[f'memory.{l}.n_fit'])}, neurons {neurons}, {n_edits} edits): "
                                  "it was altered or truncated; save it again")
         routed, owner = len(state["router.has_image"]), state["router.owner"]
-        if (len(state["router.images"]) != routed or len(state["router.open"]) != routed or len(owner) != len(state["router.keys"])
-                or (len(owner) and int(owner.max()) >= routed)
+        if ({len(state[f"router.{k}"]) for k in ("images", "open")} != {routed}
+                or len(owner) != len(state["router.keys"]) or (len(owner) and int(owner.max()) >= routed)
                 or (self.config.intrinsic and self.config.route and routed != n_edits)):
             raise ValueError(f"the saved router is inconsistent ({routed} edits routed, {len(owner)} keys, "
                              f"{n_edits} edits): it was altered or truncated; save it again")

@@ -3,10 +3,11 @@
     FFN_edit(q) = FFN(q) + act(q·K + b) · (V + β·ζ′)
 
 Every edit adds `n` neurons (columns of K, entries of b, rows of V) and carries ζ′, the truthfulness
-direction mapped to the hidden space (`Spaces.zeta_prime`, fixed at fit time; β scales it). All edits of a layer live in one tensor each, so
-the cost of a forward pass does not grow with the number of modules; with ReLU, only the edits whose
-neurons can fire in the batch are computed (`reachable`, a per-edit bound). The neurons of the edit
-being trained are `pending` parameters; `commit()` freezes them into the buffers.
+direction mapped to the hidden space (`Spaces.zeta_prime`, fixed at fit time; β scales it). All edits
+of a layer live in one tensor each, so the cost of a forward pass does not grow with the number of
+modules; with ReLU, only the edits whose neurons can fire in the batch are computed (`reachable`, a
+per-edit bound). The neurons of the edit being trained are `pending` parameters; `commit()` freezes them
+into the buffers.
 """
 from __future__ import annotations
 
@@ -123,10 +124,10 @@ class NeuronPatch(nn.Module):
     def _block(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"],
                values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, "e"] | None = None,
                gate: Bool[Tensor, "... E"] | None = None) -> Float[Tensor, "... d"]:
-        """act(x·K + b)·V + (per-edit activation)·β ζ′ of one block, each edit's activations times its `gate`;
-        given `edits`, only their neurons are computed. Outside training the others' pre-activation is set to 0, so `activation` still sees every
-        neuron; while an edit trains it sees the computed ones only, so that no step's forward or backward
-        holds a tensor as wide as all the committed neurons."""
+        """act(x·K + b)·V + (per-edit activation)·β ζ′ of one block, each edit's activations times its
+        `gate`; given `edits`, only their neurons are computed. Outside training the others' pre-activation
+        is set to 0, so `activation` still sees every neuron; while an edit trains it sees the computed ones
+        only, so that no step's forward or backward holds a tensor as wide as all the committed neurons."""
         if edits is None:
             a = self.activation(x @ keys + bias)                                # [..., N]
         else:
@@ -143,9 +144,11 @@ class NeuronPatch(nn.Module):
         return a @ values + a.unflatten(-1, (-1, self.n)).sum(-1) @ zeta
 
     @torch.no_grad()
-    def reachable(self, x: Float[Tensor, "... d"], gate: Bool[Tensor, "... E"] | None = None) -> Int[Tensor, "e"] | None:
+    def reachable(self, x: Float[Tensor, "... d"],
+                  gate: Bool[Tensor, "... E"] | None = None) -> Int[Tensor, "e"] | None:
         """The committed edits with a neuron that may fire somewhere in x (and, given `gate`, that are let
-        through somewhere); None when that is all of them (or the activation is not ReLU). By Cauchy–Schwarz every neuron j of edit e has
+        through somewhere); None when that is all of them (or the activation is not ReLU). By
+        Cauchy–Schwarz every neuron j of edit e has
 
             x·k_j + b_j ≤ x·c_e + |x|·ρ_e + max_j b_j,   c_e the mean of its keys, ρ_e their largest distance to it,
 
