@@ -33,7 +33,7 @@ def snapshot(model, probe, editor=None) -> dict:
     out = {"logits": logits(model, probe), "hooks": hooks_of(model), "keys": list(model.state_dict())}
     if editor is not None:
         out["state"] = {k: v.clone() for k, v in editor.state().items()}
-        out["counters"] = (editor.n_edits, editor.fitted, list(editor._fit_questions))
+        out["counters"] = (editor.n_edits, editor.fitted, list(editor.fit_questions))
     return out
 
 

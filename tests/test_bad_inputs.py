@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import unike
 from archs import ARCHS
 from guard import FAST, assert_same, logits, snapshot, tiny_probe
-from unike.editor import _sha256
+from unike.persist import _sha256
 from unike.prompting import encode
 
 
@@ -239,16 +239,16 @@ def _mixed_saves(saved, tmp_path):
 
 
 def _wider(state):
-    return {k: torch.cat([v, v[:, :1]], 1) if k.endswith(".keys") and k.startswith("memory") else v
+    return {k: torch.cat([v, v[:, :1]], 1) if k.endswith(".memory.keys") else v
             for k, v in state.items()}
 
 
 def _without_edited(state):
-    return {k: v for k, v in state.items() if not k.startswith("edited")}
+    return {k: v for k, v in state.items() if not k.endswith(".edited")}
 
 
 def _one_row_short(state):
-    return {k: v[:-1] if k.startswith("memory") and k.endswith(".values") else v for k, v in state.items()}
+    return {k: v[:-1] if k.endswith(".memory.values") else v for k, v in state.items()}
 
 
 BAD_LOADS = [
@@ -270,8 +270,8 @@ BAD_LOADS = [
      "lists layers \\[0, 1, 2, 3\\], but its config gives \\[2, 3, 4, 5\\]"),
     ("json-edits-miscounted", lambda s, t: _tamper_json(s, t, n_edits=3), ValueError, "inconsistent"),
     ("tensor-wrong-width", lambda s, t: _tamper_tensors(s, t, _wider), ValueError,
-     "memory.2.keys is torch.float32 \\(\\d+, 129\\); this editor needs torch.float32 \\('any', 128\\)"),
-    ("tensor-missing", lambda s, t: _tamper_tensors(s, t, _without_edited), ValueError, "lacks \\['edited.2'"),
+     "layers.2.memory.keys is torch.float32 \\(\\d+, 129\\); this editor needs torch.float32 \\('any', 128\\)"),
+    ("tensor-missing", lambda s, t: _tamper_tensors(s, t, _without_edited), ValueError, "lacks \\['layers.2.edited'"),
     ("tensor-rows-inconsistent", lambda s, t: _tamper_tensors(s, t, _one_row_short), ValueError,
      "layer 2 is inconsistent"),
 ]
@@ -371,6 +371,31 @@ def test_state_saved_before_the_index_loads_with_it_rebuilt(tiny, fresh, saved, 
     with pytest.warns(UserWarning, match="before the latent memory had its index .*; rebuilding it"):
         loaded = unike.UniKE.load(model, processor, _tamper_tensors(saved, tmp_path, older))
     try:
+        for k, v in editor.state().items():
+            assert torch.equal(loaded.state()[k], v), k
+        assert torch.equal(logits(model, probe), logits(editor.model, probe))
+    finally:
+        loaded.detach()
+
+
+def _per_kind_names(state):
+    """The names states had before the editor's tensors were one module's (`spaces.2.x`, `memory.2.x`,
+    `negatives.2`, ...)."""
+    def old(name):
+        parts = name.split(".")
+        if parts[0] != "layers":
+            return name
+        l, kind, rest = parts[1], parts[2], [p for p in parts[3:] if p != "index"]
+        return f"{kind}.{l}" if not rest else ".".join([kind, l, *rest])
+    return {old(k): v for k, v in state.items()}
+
+
+def test_state_saved_with_per_kind_names_loads_the_same(tiny, fresh, saved, tmp_path):
+    editor, probe = tiny[3], tiny[5]
+    model, processor, _ = fresh
+    loaded = unike.UniKE.load(model, processor, _tamper_tensors(saved, tmp_path, _per_kind_names))
+    try:
+        assert loaded.state().keys() == editor.state().keys()
         for k, v in editor.state().items():
             assert torch.equal(loaded.state()[k], v), k
         assert torch.equal(logits(model, probe), logits(editor.model, probe))

@@ -102,7 +102,7 @@ def test_tpatcher(tiny, cases, triplets):
     tp = TPatcher(model, processor).fit(triplets, progress=False)
     assert tp.layer_ids == [len(tp.stack) - 1] and tp.losses == []     # last layer; no spaces trained
     assert not tp.config.latent and tp.config.key_ridge is None
-    assert len(tp.negatives[tp.layer_ids[0]]) == len(triplets)
+    assert len(tp.layers[tp.layer_ids[0]].negatives) == len(triplets)
 
     def check():
         assert _target_is_argmax(model, processor, cases[0])
@@ -183,3 +183,21 @@ def test_prompt_ike_with_inner_method(tiny, cases):
         warnings.simplefilter("ignore")     # the inner editor is not fitted: neurons alone
         _check_lifecycle(ike, cases[0], check, keys)
     assert inner.hooks is None and ike.n_edits == 0
+
+
+@pytest.mark.parametrize("make", [unike.UniKE, FTLast, TPatcher, LatentIKE, PromptIKE, unike.baselines.GRACE],
+                         ids=lambda m: m.__name__)
+def test_every_method_is_an_edit_method(tiny, make):
+    """UniKE and every baseline satisfy `unike.method.EditMethod`, with the protocol's keywords."""
+    import inspect
+
+    from unike.method import EditMethod
+
+    method = make(*tiny)
+    try:
+        assert isinstance(method, EditMethod)
+        for name in ("fit", "edit"):
+            params = inspect.signature(getattr(method, name)).parameters
+            assert "progress" in params and params["progress"].kind is inspect.Parameter.KEYWORD_ONLY, name
+    finally:
+        method.detach()

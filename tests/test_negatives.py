@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import unike
-from unike.editor import FitStates
+from unike.collect import FitStates
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_prompt_negatives_are_kept_and_trained_against(tiny, tmp_path):
     model, processor, states, _ = tiny
     editor = _editor(tiny, 256)
     try:
-        pool = {l: editor.prompt_negatives[l] for l in editor.layer_ids}
+        pool = {l: layer.prompt_negatives for l, layer in editor.layers.items()}
         for l, rows in pool.items():
             assert rows.shape == (256, editor.stack.hidden_size)
             collected = states.layers[l]["q_other"]        # each row is a collected image token's FFN input
@@ -61,7 +61,7 @@ def test_prompt_negatives_are_kept_and_trained_against(tiny, tmp_path):
         editor.detach()
     plain = _editor(tiny, 0)                                # the default keeps none, and its edits do fire there
     try:
-        assert all(len(p) == 0 for p in plain.prompt_negatives.values())
+        assert all(len(layer.prompt_negatives) == 0 for layer in plain.layers.values())
         assert sum(_firing(plain, pool).values()) > 0
     finally:
         plain.detach()

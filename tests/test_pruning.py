@@ -61,12 +61,13 @@ def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
         mem = editor.memory[l]
         n_fit = int(mem.n_fit)
         # the match by definition: fitted entries through the index, the edits' entries by exact cosine
-        want = torch.cat([(q @ mem.basis.T) @ mem.coords.T, q @ mem.keys[n_fit:].T], 1).amax(1)
-        assert torch.allclose(mem._matches(q, 1)[:, 0], want, atol=1e-6)
+        ix = mem.index
+        want = torch.cat([(q @ ix.basis.T) @ ix.coords.T, q @ mem.keys[n_fit:].T], 1).amax(1)
+        assert torch.allclose(ix.matches(q, 1, mem.keys, n_fit)[:, 0], want, atol=1e-6)
         relevant = (want >= mem.min_similarity).sum()
-        assert torch.equal(mem._relevant(q), want >= mem.min_similarity)
+        assert torch.equal(ix.relevant(q, mem.keys, n_fit, mem.min_similarity), want >= mem.min_similarity)
         # the tokens whose fitted matches cannot reach the gate (|q_r|·max|k_r| below it) skip the index scan
-        spared += int(((q @ mem.basis.T).norm(dim=1) * mem.coords.norm(dim=1).max() < mem.min_similarity).sum())
+        spared += int(((q @ ix.basis.T).norm(dim=1) * ix.coords.norm(dim=1).max() < mem.min_similarity).sum())
         assert mem.retrieved == (int(relevant), len(q))          # what the last forward (in _queries) did
         assert relevant < len(q) / 2, f"layer {l}: {int(relevant)} of {len(q)} tokens are relevant"
         opened += int(relevant)
@@ -77,12 +78,13 @@ def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
 def test_index_holds_the_fitted_keys_almost_whole(tiny):
     editor, _ = tiny
     for l, mem in editor.memory.items():
-        r = mem.basis.shape[0]
+        ix = mem.index
+        r = ix.basis.shape[0]
         assert r == min(editor.config.index_rank, int(mem.n_fit), mem.keys.shape[1])
-        assert torch.allclose(mem.basis @ mem.basis.T, torch.eye(r), atol=1e-4)      # orthonormal
-        assert torch.allclose(mem.coords, mem.keys[:int(mem.n_fit)] @ mem.basis.T)
+        assert torch.allclose(ix.basis @ ix.basis.T, torch.eye(r), atol=1e-4)      # orthonormal
+        assert torch.allclose(ix.coords, mem.keys[:int(mem.n_fit)] @ ix.basis.T)
         # the fitted keys' cosine with themselves, as the index sees it: most of it
-        assert mem.coords.norm(dim=1).pow(2).median() > 0.9, f"layer {l}: the index misses the fitted keys"
+        assert ix.coords.norm(dim=1).pow(2).median() > 0.9, f"layer {l}: the index misses the fitted keys"
 
 
 def test_fitted_entries_join_the_index_and_edits_are_refused_before_them(tiny):
@@ -97,7 +99,7 @@ def test_fitted_entries_join_the_index_and_edits_are_refused_before_them(tiny):
 
 def _exact(mem, q):
     """Every entry's exact top-K (the scan), as sorted indices and similarities."""
-    sims, idx = mem._scan(q, min(mem.top_k, len(mem)))
+    sims, idx = mem.index.scan(q, min(mem.top_k, len(mem)), mem.keys)
     return idx.sort(1).values, sims
 
 
@@ -106,10 +108,11 @@ def test_retrieval_through_the_index_is_the_exact_top_k(tiny, monkeypatch):
     for l, q in _queries(editor, batch).items():
         mem = editor.memory[l]
         n_fit = int(mem.n_fit)
-        assert torch.allclose(mem.residual, (mem.keys[:n_fit] - mem.coords @ mem.basis).norm(dim=1), atol=1e-6)
+        ix = mem.index
+        assert torch.allclose(ix.residual, (mem.keys[:n_fit] - ix.coords @ ix.basis).norm(dim=1), atol=1e-6)
         want = [_exact(mem, row) for row in q.split(1)]
         with monkeypatch.context() as m:     # one token at a time, as a relevant token: shortlisted, never scanned
-            m.setattr(type(mem), "_scan", lambda *a: pytest.fail("the shortlist fell back to a scan"))
+            m.setattr(type(mem.index), "scan", lambda *a: pytest.fail("the shortlist fell back to a scan"))
             got = [mem.retrieve(row) for row in q.split(1)]
         for (sims, idx), (want_idx, want_sims) in zip(got, want):
             assert torch.equal(idx.sort(1).values, want_idx)
@@ -132,7 +135,7 @@ def test_shortlist_is_exact_whatever_lies_outside_the_index(outside):
     low = torch.randn(n, 8) @ torch.randn(8, d)
     mem.add(low + outside * low.norm(dim=1, keepdim=True) / d ** 0.5 * torch.randn(n, d), *torch.randn(2, n, d),
             fitted=True)
-    mem.index()
+    mem.reindex()
     mem.add(*torch.randn(3, 20, d))
     q = mem._unit(torch.cat([low[:50] + 0.1 * torch.randn(50, d), torch.randn(50, d)]))
     for block in (q, *q.split(1)):

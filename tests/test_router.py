@@ -58,7 +58,7 @@ def _gate_last(editor, image, prompt):
     from unike.prompting import encode, on_model
     with torch.no_grad():
         editor.model(**on_model(encode(editor.processor, image, prompt), editor.model))
-    return editor._gate[0, -1]
+    return editor.edits.switch.gate[0, -1]
 
 
 def test_edit_routes_to_its_scope_only(tiny):
@@ -77,7 +77,7 @@ def test_edit_routes_to_its_scope_only(tiny):
     assert inside == 12 and outside <= 1, (inside, outside)
     assert unike.answer(model, processor, cases[0].image, cases[0].prompt) == cases[0].target
     editor.reset()
-    assert editor.router.edits == 0 and editor._route(torch.zeros(1, 1, 1)) is None
+    assert editor.router.edits == 0 and editor.scope.route(torch.zeros(1, 1, 1)) is None
 
 
 def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
@@ -89,7 +89,7 @@ def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         editor.edit(case)
-    assert editor._route(torch.zeros(1, 1, 1)) is None       # entered in the router all the same
+    assert editor.scope.route(torch.zeros(1, 1, 1)) is None       # entered in the router all the same
     editor.config = unike.UniKEConfig()                   # as an editor of a version before routing saved it
     editor.save(tmp_path / "s")
     editor.detach()
@@ -102,6 +102,6 @@ def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
     (tmp_path / "s" / "unike.json").write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="before edits were routed"):
         old = unike.UniKE.load(model, processor, tmp_path / "s")
-    assert old.config.route is False and old.n_edits == 1 and old._route(torch.zeros(1, 1, 1)) is None
+    assert old.config.route is False and old.n_edits == 1 and old.scope.route(torch.zeros(1, 1, 1)) is None
     assert unike.answer(model, processor, case.image, case.prompt) == case.target
     old.detach()

@@ -174,7 +174,7 @@ class Checker:
             self.check(patch.keys.shape[1] == n * cfg.n_neurons == len(patch.bias) == len(patch.values),
                        f"layer {l}: neurons = edits x n_neurons")
             self.check(patch.zeta.shape[0] == n and patch.pending is None, f"layer {l}: one ζ′ per edit, no pending")
-            self.check((len(ed.edited[l]) == 0) == (n == 0), f"layer {l}: edited inputs iff edits")
+            self.check((len(ed.layers[l].edited) == 0) == (n == 0), f"layer {l}: edited inputs iff edits")
             self.check(mem.keys.dtype == patch.keys.dtype == torch.float32, f"layer {l}: fp32 buffers")
         with ed.disabled():
             self.check(torch.equal(logits(self.model, self.probe), self.base), "disabled() gives the base model")

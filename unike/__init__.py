@@ -4,7 +4,8 @@ from .answer import answer
 from .data.case import EditCase, Triplet
 from .data.mmedit import load_mmedit
 from .data.world import SynthWorld
-from .editor import UniKE, UniKEConfig
+from .config import UniKEConfig
+from .editor import UniKE
 from .hooks import Hooks
 from .locate import LocateError, TextStack, locate
 from .metrics import evaluate

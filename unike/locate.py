@@ -34,20 +34,16 @@ and FFN outputs, which is where UniKE adds its latent and intrinsic knowledge. I
 
 from __future__ import annotations
 
-import inspect
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
 from torch import nn
 
+from .anatomy import LocateError, block_widths, get_path, resolve_layer
+
 __all__ = ["Layer", "TextStack", "LocateError", "locate"]
-
-
-class LocateError(ValueError):
-    """The text decoder's layers could not be found (or a user-given path is wrong)."""
 
 
 # Names a layer list may have, relative to the decoder module returned by `get_decoder()`.
@@ -77,13 +73,6 @@ _LIST_NAMES = {"layers", "layer", "h", "blocks", "block"}
 _NON_TEXT = ("vision", "visual", "image", "video", "qformer", "perceiver", "resampler", "projector", "connector",
              "merger", "audio", "speech", "vqmodel", "patch")
 _NON_TEXT_EXACT = {"vit", "vq", "encoder_vision"}
-
-# Per-layer attribute names, most specific first.
-_ATTN_NAMES = (("self_attn", "self"), ("self_attention", "self"), ("attention", "self"), ("attn", "self"),
-               ("linear_attn", "linear"), ("cross_attn", "cross"), ("conv", "conv"), ("mamba", "ssm"),
-               ("mixer", "mixer"))
-_FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
-
 
 @dataclass
 class Layer:
@@ -177,17 +166,6 @@ class TextStack(Sequence[Layer]):
 # ---------------------------------------------------------------------------------------------
 
 
-def _get(root: nn.Module, path: str) -> nn.Module | None:
-    mod = root
-    for part in path.split("."):
-        if not part:
-            return None
-        mod = mod._modules.get(part) if isinstance(mod, nn.Module) else None
-        if mod is None:
-            return None
-    return mod
-
-
 def _path_of(model: nn.Module, target: nn.Module) -> str | None:
     for name, mod in model.named_modules(remove_duplicate=False):
         if mod is target:
@@ -246,29 +224,12 @@ def _expected(text_config) -> tuple[set[int], int | None]:
     return counts, width
 
 
-def _block_widths(block: nn.Module) -> set[int]:
-    """Plausible widths of a block: the sizes of its own (direct-child) norms; else of any 1-D norm weight
-    (q/k norms have head size, hence a set); else the commonest parameter dimension."""
-    def norm_sizes(named):
-        return {p.shape[0] for n, p in named if p.ndim == 1 and n.endswith("weight")
-                and any(k in n.lower() for k in ("norm", "ln"))}
-
-    direct = norm_sizes((f"{c}.{n}", p) for c, m in block.named_children() for n, p in m.named_parameters(recurse=False))
-    if direct:
-        return direct
-    nested = norm_sizes(block.named_parameters())
-    if nested:
-        return nested
-    dims = Counter(d for p in block.parameters() for d in p.shape)
-    return {dims.most_common(1)[0][0]} if dims else set()
-
-
 def _check(lst: nn.ModuleList, counts: set[int], width: int | None) -> str | None:
     """None if the list looks like the text decoder, else the reason it does not."""
     if counts and len(lst) not in counts:
         return f"{len(lst)} layers, text config says {sorted(counts)}"
     if width is not None and len(lst):
-        widths = _block_widths(lst[0])
+        widths = block_widths(lst[0])
         if widths and width not in widths:
             return f"width {sorted(widths)}, text config says {width}"
     return None
@@ -278,86 +239,14 @@ def _candidates(model: nn.Module) -> list[tuple[str, int]]:
     return [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
 
 
-def _first_child(block: nn.Module, names) -> tuple[str, nn.Module] | None:
-    for n in names:
-        m = block._modules.get(n)
-        if isinstance(m, nn.Module):
-            return n, m
-    return None
-
-
-def _takes_residual(mod: nn.Module) -> bool:
-    try:
-        return "residual" in inspect.signature(mod.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _pre_residual(block: nn.Module, rel: str) -> str:
-    """Descend from a sub-layer that adds the residual itself to the module whose output comes before it."""
-    mod = _get(block, rel)
-    kids = mod._modules
-    # T5 / Pix2Struct / UDOP wrappers: norm -> inner module -> dropout, residual added in the wrapper
-    if any("norm" in k.lower() for k in kids):
-        for inner in ("SelfAttention", "attention", "DenseReluDense"):
-            if isinstance(kids.get(inner), nn.Module):
-                return f"{rel}.{inner}"
-    # Bloom: forward(hidden_states, residual, ...) adds the residual; its last Linear is the output projection
-    if _takes_residual(mod):
-        linears = [n for n, c in mod.named_children() if isinstance(c, nn.Linear)]
-        if linears:
-            return f"{rel}.{linears[-1]}"
-    return rel
-
-
-def _resolve_layer(block: nn.Module) -> tuple[dict[str, str], str]:
-    """Relative paths of attn / mlp / mlp_in inside one decoder layer, plus the attention kind."""
-    # T5 style: block.layer = [self-attention sub-layer, (cross-attention sub-layer), FF sub-layer]
-    subs = block._modules.get("layer")
-    if isinstance(subs, nn.ModuleList) and len(subs) >= 2 and "SelfAttention" in subs[0]._modules \
-            and "DenseReluDense" in subs[-1]._modules:
-        ff = f"layer.{len(subs) - 1}.DenseReluDense"
-        return {"attn": "layer.0.SelfAttention", "mlp": ff, "mlp_in": ff}, "self"
-
-    rel: dict[str, str] = {}
-    kind = "self"
-    # --- attention: BERT/GIT style first (attention = self + output; output adds the residual and a LayerNorm)
-    att = block._modules.get("attention")
-    if att is not None and isinstance(_get(att, "output.dense"), nn.Linear) and "self" in att._modules:
-        rel["attn"] = "attention.output.dense"
-    else:
-        hit = None
-        for name, k in _ATTN_NAMES:
-            if isinstance(block._modules.get(name), nn.Module):
-                hit = (name, k)
-                break
-        if hit is None:
-            raise LocateError(f"no attention module in {type(block).__name__}; children: {list(block._modules)}")
-        rel["attn"], kind = _pre_residual(block, hit[0]), hit[1]
-    # --- FFN
-    ffn = _first_child(block, _FFN_NAMES)
-    if ffn is not None:
-        rel["mlp_in"] = ffn[0]
-        rel["mlp"] = _pre_residual(block, ffn[0])
-        if rel["mlp"].endswith("DenseReluDense"):
-            rel["mlp_in"] = rel["mlp"]  # the wrapper's input is not yet normalised
-    elif isinstance(block._modules.get("fc2"), nn.Module) and isinstance(block._modules.get("fc1"), nn.Module):
-        rel["mlp"], rel["mlp_in"] = "fc2", "fc1"  # OPT / BART / Florence-2: no wrapper module
-    elif "intermediate" in block._modules and isinstance(_get(block, "output.dense"), nn.Linear):
-        rel["mlp"], rel["mlp_in"] = "output.dense", "intermediate"  # BERT / GIT
-    else:
-        raise LocateError(f"no FFN module in {type(block).__name__}; children: {list(block._modules)}")
-    return rel, kind
-
-
 def _build(model: nn.Module, path: str, lst: nn.ModuleList, width: int | None, tc, how: str) -> TextStack:
     if width is None:  # no config to read it from: infer it from the first block's norms
-        widths = _block_widths(lst[0])
+        widths = block_widths(lst[0])
         width = next(iter(widths)) if len(widths) == 1 else None
     layers = []
     for i, block in enumerate(lst):
-        rel, kind = _resolve_layer(block)
-        mods = {k: _get(block, v) for k, v in rel.items()}
+        rel, kind = resolve_layer(block)
+        mods = {k: get_path(block, v) for k, v in rel.items()}
         paths = {"block": f"{path}.{i}", **{k: f"{path}.{i}.{v}" for k, v in rel.items()}}
         layers.append(Layer(i, block, mods["attn"], mods["mlp"], mods["mlp_in"], paths, kind))
     return TextStack(model, path, layers, width, tc, how)
@@ -426,7 +315,7 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
 
     # 1. user override
     if layers is not None:
-        lst = _get(model, layers)
+        lst = get_path(model, layers)
         if not isinstance(lst, nn.ModuleList) or len(lst) == 0:
             what = "nothing" if lst is None else type(lst).__name__
             raise _error(model, [], counts, head=f"layers={layers!r} leads to {what}, not a non-empty nn.ModuleList "
@@ -443,7 +332,7 @@ def locate(model: nn.Module, layers: str | None = None) -> TextStack:
         if path in seen:
             return None
         seen.add(path)
-        lst = _get(model, path)
+        lst = get_path(model, path)
         if not isinstance(lst, nn.ModuleList) or len(lst) == 0:
             return None
         if _is_non_text(path):

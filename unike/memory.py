@@ -16,41 +16,23 @@ itself), so that
 Per-token retrieval makes the shift independent of batch composition, padding and the KV cache: a
 token gets the same shift whether it is processed in the prefill or in a cached decoding step.
 
-Relevance gate and index. Most tokens (image patches, words inside a question) are about no stored
-question; they get α = 0 and their attention output back unchanged. A token is relevant when its best
-match reaches the gate `min_similarity`, set by `calibrate` to a quantile of ordinary prompt tokens'
-best matches. The match is measured without touching the d-wide keys of the fitted memory: it is
-
-    max( max_{i < n_fit} q_r · k_r,i ,  max_{i ≥ n_fit} q · k_i )
-
-with q_r, k_r the coordinates of the unit-norm standardised states in the index: the top `index_rank`
-principal directions of the fitted keys (`basis`, `coords`, built by `calibrate`). The fitted keys lie
-almost inside it, so q_r · k_r is their cosine less what lies outside; the edits' entries, few and not
-part of the basis, are matched by exact cosine. A token's fitted matches are at most |q_r|·max|k_r|, so
-where that is below the gate the index is not scanned for it. Only relevant tokens retrieve, so a
-forward costs at most r numbers per fitted entry and token, not d; `prune = False` (or
-`UniKE.full_retrieval()`) makes every token retrieve without changing which are relevant, e.g. to read
-or steer α where the gate is shut.
-
-Retrieval is an exact top-K, shortlisted through the same index. With ρ_i = |k_i − k_r,i·basis|, what
-of a fitted key lies outside the index (`residual`), and q⊥ likewise for the query,
-
-    q · k_i = q_r · k_r,i + q⊥ · k⊥,i   lies within   q_r · k_r,i ± |q⊥| ρ_i,
-
-so an entry whose upper bound is below the K-th best lower bound (the edits' entries count exactly)
-cannot be in the top K. Exact cosines are computed only for the others, and for every entry when the
-shortlist would not be much shorter than the memory.
+Relevance gate. Most tokens (image patches, words inside a question) are about no stored question;
+they get α = 0 and their attention output back unchanged. A token is relevant when its best match reaches
+the gate `min_similarity`, set by `calibrate` to a quantile of ordinary prompt tokens' best matches. The
+matches and the top-K are computed exactly through an index of the fitted keys (`unike.shortlist`), so a
+forward costs about r numbers per fitted entry and relevant token, not d; only relevant tokens retrieve.
+`prune = False` (or `UniKE.full_retrieval()`) makes every token retrieve without changing which are
+relevant, e.g. to read or steer α where the gate is shut.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from .shortlist import Index
 from .spaces import Spaces
-
-SLACK = 1e-4   # float rounding in the shortlist's bounds (cosines of unit vectors, computed in fp32)
 
 
 class Knowledge(nn.Module):
@@ -87,7 +69,7 @@ class LatentMemory(nn.Module):
                  fixed_alpha: float | None = None, index_rank: int = 64, chunk: int = 16384):
         super().__init__()
         self.spaces = spaces                      # shared with the editor; not a second copy
-        self.top_k, self.temperature, self.index_rank, self.chunk = top_k, temperature, index_rank, chunk
+        self.top_k, self.temperature, self.index_rank = top_k, temperature, index_rank
         self.know = Knowledge()        # h_know, attention-output space (the shift)
         self.state = Knowledge()       # the retrieved states Σ w h_pos (input of the semantic encoder)
         self.alpha = Alpha(fixed_alpha)
@@ -96,9 +78,7 @@ class LatentMemory(nn.Module):
         self.register_buffer("attn_values", torch.zeros(0, dim))  # Attn(h_pos, h_pos, h_pos)
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # first n_fit entries come from fit()
         self.register_buffer("min_similarity", torch.tensor(-1.0))       # relevance gate (calibrate())
-        self.register_buffer("basis", torch.zeros(0, dim))     # the index: [r, d] principal directions ...
-        self.register_buffer("coords", torch.zeros(0, 0))      # ... and the fitted keys in it, [n_fit, r]
-        self.register_buffer("residual", torch.zeros(0))       # |what of each fitted key is outside|, [n_fit]
+        self.index = Index(dim, chunk)      # the fitted keys' index (exact speed-ups of the searches)
         self.prune = True              # only relevant tokens retrieve (the others' α is 0 either way)
         self.retrieved = (0, 0)        # (tokens that retrieved, tokens) in the last forward
 
@@ -114,9 +94,7 @@ class LatentMemory(nn.Module):
             if len(self) != int(self.n_fit):
                 raise RuntimeError("fitted entries go before the edits' entries: reset() the editor first")
             self.n_fit += len(keys)
-            if len(self.basis):
-                coords, residual = self._project(keys)
-                self.coords, self.residual = torch.cat([self.coords, coords]), torch.cat([self.residual, residual])
+            self.index.extend(keys)
         self.keys = torch.cat([self.keys, keys])
         self.values = torch.cat([self.values, h_pos.float().to(self.values)])
         self.attn_values = torch.cat([self.attn_values, v_pos.float().to(self.attn_values)])
@@ -127,25 +105,12 @@ class LatentMemory(nn.Module):
         self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
         self.attn_values = self.attn_values[:n].clone()
         self.n_fit.clamp_(max=n)
-        self.coords, self.residual = self.coords[:n].clone(), self.residual[:n].clone()
+        self.index.truncate(n)
 
     @torch.no_grad()
-    def index(self) -> None:
-        """Build the index: the top `index_rank` right singular vectors of the fitted keys (a seeded
-        randomized range finder) and every fitted key's coordinates in them."""
-        fitted = self.keys[:int(self.n_fit)]
-        r = min(self.index_rank, *fitted.shape)
-        probe = torch.randn(fitted.shape[1], r + 8, generator=torch.Generator().manual_seed(0)).to(fitted)
-        basis = torch.linalg.qr(fitted @ probe).Q
-        for _ in range(2):                                   # power iterations sharpen the range
-            basis = torch.linalg.qr(fitted @ (fitted.T @ basis)).Q
-        self.basis = torch.linalg.svd(basis.T @ fitted, full_matrices=False).Vh[:r].contiguous()
-        self.coords, self.residual = self._project(fitted)
-
-    def _project(self, keys: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n r"], Float[Tensor, "n"]]:
-        """Unit keys' coordinates in the index and the norm of what lies outside it."""
-        coords = keys @ self.basis.T
-        return coords, (keys - coords @ self.basis).norm(dim=1)
+    def reindex(self) -> None:
+        """Build the index of the fitted entries."""
+        self.index.build(self.keys[:int(self.n_fit)], self.index_rank)
 
     @torch.no_grad()
     def calibrate(self, h_sem: Float[Tensor, "n d"], other: Float[Tensor, "m d"], quantile: float | None) -> float | None:
@@ -153,13 +118,13 @@ class LatentMemory(nn.Module):
         `quantile` of the best matches of ordinary prompt tokens (`other`) is not relevant (α = 0).
         Question-final states (`h_sem`, matched without their own entry) should pass; the fraction that
         does is returned."""
-        self.index()
+        self.reindex()
         if quantile is None or len(other) == 0:
             self.min_similarity.fill_(-1.0)
             return None
         dev = self.keys.device         # fit collects states on the CPU; the memory may live on a GPU
         self.min_similarity.fill_(float(torch.quantile(self.relevance(other.to(dev)), quantile)))
-        loo = self._matches(self._unit(h_sem.to(dev)), 2)[:, -1]
+        loo = self.index.matches(self._unit(h_sem.to(dev)), 2, self.keys, int(self.n_fit))[:, -1]
         return float((loo >= self.min_similarity).float().mean())
 
     def _unit(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
@@ -170,84 +135,15 @@ class LatentMemory(nn.Module):
         the i-th fit triplet, later entries are the edits' in order)."""
         return self.retrieve(self._unit(x))
 
+    def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
+        """Exact top-K cosines and indices of unit-norm standardised queries q."""
+        return self.index.retrieve(q, min(self.top_k, len(self)), self.keys, int(self.n_fit))
+
     @torch.no_grad()
     def relevance(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n"]:
         """Pre-attention states' best match (in the index for fitted entries, by cosine for the edits'),
         the number the relevance gate `min_similarity` compares."""
-        return self._matches(self._unit(x), 1)[:, 0]
-
-    @torch.no_grad()
-    def _relevant(self, q: Float[Tensor, "n d"]) -> Bool[Tensor, "n"]:
-        """Whether each query's match reaches the gate. Its fitted matches are at most |q_r|·max_i |k_r,i|;
-        where that is below the gate they are not computed, only the edits' cosines (on the mid-size
-        bench config that spares about 85% of the tokens the index scan)."""
-        n_fit, gate = int(self.n_fit), self.min_similarity
-        best = q.new_full(q.shape[:1], float("-inf"))
-        scan = (q @ self.basis.T).norm(dim=1) * self._reach() + SLACK >= gate
-        if scan.any():
-            best[scan] = self._matches(q[scan], 1)[:, 0]
-        if len(self) > n_fit and not scan.all():
-            best[~scan] = (q[~scan] @ self.keys[n_fit:].T).amax(1)
-        return best >= gate
-
-    def _reach(self) -> Tensor:
-        """max_i |k_r,i| over the fitted entries (0 without any), kept until the index changes."""
-        coords, cached = self.coords, self.__dict__.get("_reach_cache")
-        if cached is None or cached[0] is not coords or cached[1] != coords._version:
-            top = coords.norm(dim=1).max() if coords.numel() else coords.new_zeros(())
-            cached = self._reach_cache = (coords, coords._version, top)
-        return cached[2]
-
-    def _matches(self, q: Float[Tensor, "n d"], k: int) -> Float[Tensor, "n k"]:
-        """The k best matches of unit-norm standardised queries (see the module docstring)."""
-        best = q.new_full((q.shape[0], k), float("-inf"))
-        for scores in self._scores(q):
-            if k == 1:                     # the forward's case: a max, not a top-k
-                best = torch.maximum(best, scores.amax(1, keepdim=True))
-            else:
-                best = torch.cat([best, scores], 1).topk(k, dim=1).values
-        return best
-
-    def _scores(self, q: Float[Tensor, "n d"]):
-        """Blocks of match scores, in chunks: the fitted entries in the index, then the edits' by cosine."""
-        n_fit, q_r = int(self.n_fit), q @ self.basis.to(q).T
-        for start in range(0, n_fit, self.chunk):
-            yield q_r @ self.coords[start:min(start + self.chunk, n_fit)].to(q).T
-        for start in range(n_fit, len(self), self.chunk):
-            yield q @ self.keys[start:start + self.chunk].to(q).T
-
-    def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
-        """Top-K cosine similarities and indices of unit-norm standardised queries q: exact, the fitted
-        entries shortlisted through the index (see the module docstring), in blocks of queries."""
-        k, n_fit = min(self.top_k, len(self)), int(self.n_fit)
-        if not len(self.basis) or not len(q):
-            return self._scan(q, k)
-        found = []
-        for block in q.split(max(1, self.chunk * 256 // len(self))):
-            q_r = block @ self.basis.T
-            near = q_r @ self.coords.T                                          # [m, n_fit]
-            spread = (block - q_r @ self.basis).norm(dim=1, keepdim=True) * self.residual + SLACK
-            edits = block @ self.keys[n_fit:].T                                 # exact, [m, n_edits]
-            floor = torch.cat([near - spread, edits], 1).topk(k, dim=1).values[:, -1:]
-            short = (near + spread >= floor).any(0).nonzero().squeeze(1)        # every possible top-K entry
-            if len(short) > n_fit // 2:                                         # no cheaper than all of them
-                found.append(self._scan(block, k))
-                continue
-            sims, pos = torch.cat([block @ self.keys[short].T, edits], 1).topk(k, dim=1)
-            rows = torch.cat([short, torch.arange(n_fit, len(self), device=q.device)])
-            found.append((sims, rows[pos]))
-        return torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])
-
-    def _scan(self, q: Float[Tensor, "n d"], k: int) -> tuple[Float[Tensor, "n k"], Tensor]:
-        """Top-k of q against every entry, in chunks of the memory (linear in its size)."""
-        best_s = q.new_full((q.shape[0], 0), float("-inf"))
-        best_i = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)
-        for start in range(0, len(self), self.chunk):
-            sims = q @ self.keys[start:start + self.chunk].to(q).T
-            s, i = sims.topk(min(k, sims.shape[1]), dim=1)
-            best_s, order = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
-            best_i = torch.cat([best_i, i + start], 1).gather(1, order)
-        return best_s, best_i
+        return self.index.matches(self._unit(x), 1, self.keys, int(self.n_fit))[:, 0]
 
     def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"]) -> Float[Tensor, "b t d"]:
         if len(self) == 0:
@@ -257,7 +153,7 @@ class LatentMemory(nn.Module):
         q = F.normalize(x_std, dim=-1)
         n = q.shape[0]
         if self.min_similarity > -1:
-            relevant = self._relevant(q).to(q.dtype)
+            relevant = self.index.relevant(q, self.keys, int(self.n_fit), self.min_similarity).to(q.dtype)
         else:                          # no gate (not calibrated): every token is relevant
             relevant = q.new_ones(n)
         rows = relevant.nonzero().squeeze(1) if self.prune else torch.arange(n, device=q.device)

@@ -141,3 +141,20 @@ def train_spaces(spaces: list[Spaces], states: list[dict[str, Tensor]], *, steps
         sp.compute_zeta(st["h_pos"], st["h_neg"])
         sp.fit_decoder(torch.cat([st["h_pos"], st["h_neg"]]))
     return curve
+
+
+@torch.no_grad()
+def zeta_variant(space: Spaces, kind: str, h_pos: Float[Tensor, "n d"], h_neg: Float[Tensor, "n d"],
+                 gen: torch.Generator) -> Float[Tensor, "d"]:
+    """ζ′ of new edits, a hidden-space direction fixed at fit time (Fig. 4c): "truthful" Dec(ζ), "semantic"
+    the semantic space's right − wrong mean, "random" a random direction of the truthful norm, "none" empty."""
+    if kind == "none":
+        return torch.zeros(0)
+    truthful = space.zeta_prime().detach().cpu()
+    if kind == "semantic":
+        s, dev = space.standardize, space.zeta.device     # the states were collected on the CPU
+        sem = space.sem(s(h_pos.to(dev))).mean(0) - space.sem(s(h_neg.to(dev))).mean(0)
+        return (sem * s.std).cpu()
+    if kind == "random":
+        return F.normalize(torch.randn(truthful.shape, generator=gen), dim=0) * truthful.norm()
+    return truthful.clone()

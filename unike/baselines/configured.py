@@ -5,7 +5,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..editor import UniKE, UniKEConfig
+from ..config import UniKEConfig
+from ..editor import UniKE
 
 
 class _Configured(UniKE):

@@ -17,7 +17,8 @@ import re
 
 import torch
 
-from ..editor import UniKE, UniKEConfig
+from ..config import UniKEConfig
+from ..editor import UniKE
 from ..metrics import Unedited
 
 MAIN = ("base", "ftlast", "tpatcher", "grace", "promptike", "latentike", "unike")

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.case import load_image
-from ..editor import UniKE, UniKEConfig
+from ..config import UniKEConfig
+from ..editor import UniKE
 from ..locate import locate
 from ..prompting import collate, encode, on_model, pad_id_of
 from .runs import Setup, sync
@@ -194,10 +195,10 @@ def timed_edits(editor: UniKE, cases, desc: str, progress: bool = True, on_first
 def fill_negatives(editor: UniKE, rows_per_edit: float, edits: int, seed: int = 0) -> None:
     """Random stand-ins for the FFN inputs that `edits` earlier edits keep as negatives."""
     gen = torch.Generator().manual_seed(seed)
-    for l in editor.layer_ids:
-        kept = editor.edited[l]
+    for layer in editor.layers.values():
+        kept = layer.edited
         extra = torch.randn(round(rows_per_edit * edits), kept.shape[1], generator=gen) * kept.std()
-        editor.edited[l] = torch.cat([kept, extra.to(kept)])
+        layer.edited = torch.cat([kept, extra.to(kept)])
 
 
 def edit_latency(setup: Setup, triplets, *, edits: int, steps: int | None = None, at: int | None = None,
@@ -226,7 +227,7 @@ def edit_latency(setup: Setup, triplets, *, edits: int, steps: int | None = None
                "seconds": [round(s, 4) for s in seconds], "per_edit": size or None, "model": setup.label}
         if at and at > edits + m:
             skipped = at - edits - m
-            rows = len(editor.edited[editor.layer_ids[0]]) / edits
+            rows = len(editor.layers[editor.layer_ids[0]].edited) / edits
             fill(editor, edits=skipped, memory=skipped, seed=seed, fitted=False)
             fill_negatives(editor, rows, skipped, seed=seed)
             tail = timed_edits(editor, [pool[(edits + i) % len(pool)] for i in range(m)],

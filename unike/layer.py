@@ -1,0 +1,182 @@
+"""One edited decoder layer as one module: its latent memory, neurons, spaces and negative pools, and the
+hooks that put them into the layer's forward pass.
+
+While attached, the memory and the neurons are also submodules of the decoder block (`unike_memory`,
+`unike_neurons`), so nnsight traces reach them by name. Four hooks: the block's input x (pre-attention
+state) is recorded, the attention output is shifted toward the retrieved knowledge (Eq. 2/7), the FFN input
+q is recorded, and the neurons' output joins the FFN output (Eq. 3/6). `Edits` holds every layer and the
+router: its parameters and buffers are the editor's whole state.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor, nn
+
+from .config import UniKEConfig
+from .hooks import Hooks
+from .locate import Layer
+from .memory import LatentMemory
+from .neurons import NeuronPatch
+from .prompting import device_of
+from .router import EditRouter
+from .spaces import Spaces, zeta_variant
+
+POOLS = ("negatives", "answer_negatives", "prompt_negatives", "edited")   # FFN inputs the neurons train against
+
+
+@dataclass
+class Switch:
+    """What the hooks of one editor share: its config, whether UniKE acts, and the router's gate g_e of the
+    current forward pass."""
+
+    config: UniKEConfig
+    enabled: bool = True
+    gate: Bool[Tensor, "b t e"] | None = None
+
+
+def first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def follow(module: nn.Module, h: Tensor) -> nn.Module:
+    """unike's modules compute in fp32 on the device of the activation they touch (and return its dtype):
+    move one there the first time it differs, e.g. a layer placed by accelerate's `device_map`, or a
+    `model.to(...)` after attaching that moved or cast it."""
+    buffer = next(module.buffers())
+    if buffer.device != h.device or buffer.dtype != torch.float32:
+        module.to(h.device, torch.float32)
+    return module
+
+
+def _replace_output(output, h: Tensor):
+    return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+
+class EditedLayer(nn.Module):
+    """Layer `index`'s spaces, memory and neurons, and the FFN inputs its edits' neurons are trained against
+    (kept on the CPU): those of fit questions, inside fit answers, at fit prompts' image tokens, and of
+    earlier edits' targets."""
+
+    def __init__(self, index: int, dim: int, switch: Switch):
+        super().__init__()
+        self.index, self.switch, config = index, switch, switch.config
+        self.spaces = Spaces(dim, config.encoder_hidden, config.truth_dim)
+        self.memory = LatentMemory(dim, self.spaces, config.top_k, config.temperature, config.alpha,
+                                   config.index_rank)
+        self.neurons = NeuronPatch(dim, config.n_neurons, config.neuron_act, config.beta)
+        for pool in POOLS:
+            self.register_buffer(pool, torch.zeros(0, dim))
+        self.x: Tensor | None = None        # the block's input in the current forward
+        self.q: Tensor | None = None        # the FFN's input
+
+    @torch.no_grad()
+    def fit(self, st: dict[str, Tensor], gen: torch.Generator, device: torch.device) -> None:
+        """The memory, its relevance gate, the negative pools and ζ′ from this layer's fit states
+        (`FitStates.layers[l]`; spaces trained); `gen` draws the pools (and a random ζ′)."""
+        cfg = self.switch.config
+        self.spaces.to(device)
+        self.memory.truncate(0)
+        self.memory.add(st["h_sem"], st["h_pos"], st["v_pos"], fitted=True)
+        self.memory.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
+        self.negatives = st["q"][torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]]
+        self.answer_negatives = st["q_ans"][torch.randperm(st["q_ans"].shape[0], generator=gen)[:cfg.neg_memory_size]]
+        # a generator of its own, so the other draws are the same with or without the option
+        picks = torch.randperm(len(st["q_other"]), generator=torch.Generator().manual_seed(cfg.seed + self.index))
+        self.prompt_negatives = st["q_other"][picks[:cfg.prompt_negatives]]
+        kind = cfg.zeta if cfg.collaboration else "none"
+        self.neurons.truth = zeta_variant(self.spaces, kind, st["h_pos"], st["h_neg"], gen).to(device)
+
+    def reset(self) -> None:
+        """Drop every edit: its neurons, its memory entries, its inputs kept as negatives."""
+        self.neurons.clear()
+        self.edited = self.edited[:0]
+        self.memory.truncate(int(self.memory.n_fit))
+
+    def attach(self, layer: Layer, hooks: Hooks, extra: dict[str, nn.Module]) -> None:
+        """Add the memory, the neurons and `extra` to layer's block as `unike_*` submodules, and the hooks."""
+        dev = device_of(layer.block)      # not its weights' device: offloaded weights wait on "meta"
+        for name, mod in self.named_parts(extra):
+            if hasattr(layer.block, name):
+                raise RuntimeError(f"layer {self.index} already carries {name}: another UniKE editor is "
+                                   "attached; detach it first")
+            layer.block.add_module(name, mod.to(dev))
+        hooks.pre(layer.block, self._record_x, with_kwargs=True)
+        hooks.forward(layer.attn, self._shift)
+        hooks.pre(layer.mlp_in, self._record_q, with_kwargs=True)
+        hooks.forward(layer.mlp, self._add_neurons)
+
+    def named_parts(self, extra: dict[str, nn.Module]) -> tuple[tuple[str, nn.Module], ...]:
+        return (("unike_memory", self.memory), ("unike_neurons", self.neurons), *extra.items())
+
+    def _record_x(self, module, args, kwargs):
+        self.x = args[0] if args else kwargs["hidden_states"]
+
+    def _record_q(self, module, args, kwargs):
+        self.q = args[0] if args else next(iter(kwargs.values()))
+
+    def _shift(self, module, args, output):
+        memory = self.memory
+        if not (self.switch.enabled and self.switch.config.latent and len(memory)):
+            return None
+        h = first(output)
+        x = self.x.to(h.device)        # the block's input may arrive from another device (device_map)
+        if x.shape != h.shape:
+            return None                # e.g. cross-attention layers whose output is not per input token
+        return _replace_output(output, follow(memory, h)(h, x))
+
+    def _add_neurons(self, module, args, output):
+        patch, gate = self.neurons, self.switch.gate
+        if not (self.switch.enabled and self.switch.config.intrinsic) or (patch.keys.shape[1] == 0 and patch.pending is None):
+            return None
+        out = first(output)
+        if gate is not None and gate.shape[-1] != patch.edits:
+            raise RuntimeError(f"the router holds {gate.shape[-1]} edits but layer {self.index} has {patch.edits}: "
+                               "neurons were added without editor.edit(); add them through it (or route=False)")
+        return _replace_output(output, out + follow(patch, out)(self.q.to(out.device), gate).reshape(out.shape))
+
+
+class Edits(nn.Module):
+    """Every edited layer (`layers["3"]`, ...) and the router of the first: the editor's whole state is
+    this module's parameters and buffers."""
+
+    def __init__(self, layer_ids: list[int], dim: int, config: UniKEConfig):
+        super().__init__()
+        self.switch = Switch(config)
+        self.layers = nn.ModuleDict({str(l): EditedLayer(l, dim, self.switch) for l in layer_ids})
+        self.router = EditRouter(dim, config.route_question, config.route_image)
+
+    def state(self) -> dict[str, Tensor]:
+        """Every parameter and buffer by name (each once: the memory shares its layer's spaces)."""
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
+
+    @torch.no_grad()
+    def put(self, name: str, value: Tensor) -> None:
+        """Set one named tensor: a parameter in place, a buffer replaced (buffers change size with edits),
+        cast to fp32 (floating point) on the device the buffer is on."""
+        owner, _, leaf = name.rpartition(".")
+        module = self.get_submodule(owner)
+        old = getattr(module, leaf)
+        value = value.to(old.device, torch.float32 if value.is_floating_point() else value.dtype)
+        if isinstance(old, nn.Parameter):
+            old.copy_(value)
+        else:
+            setattr(module, leaf, value)
+
+    @contextlib.contextmanager
+    def transaction(self, spaces: bool):
+        """Restore every tensor if the block raises. Fit and edit replace buffers rather than write into
+        them, so references are kept; what is written in place (0-d counters, and the spaces when
+        `spaces`) is copied."""
+        kept = {n: t.clone() if t.dim() == 0 or (spaces and ".spaces." in n) else t for n, t in self.state().items()}
+        try:
+            yield
+        except BaseException:
+            for layer in self.layers.values():
+                layer.neurons.discard()
+            for name, value in kept.items():
+                self.put(name, value)
+            raise

@@ -1,0 +1,68 @@
+"""An exact speed-up of the neurons (`NeuronPatch`): with ReLU, only the committed edits whose neurons can
+fire somewhere in the batch are computed, and their neurons' copies are kept between the steps of an edit.
+An edit left out adds an exact zero and passes no gradient, so outputs are those of the full formula.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange, reduce
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+
+class Reachable:
+    """Mixed into `NeuronPatch` (keys [d, E·n], bias [E·n], values [E·n, d], n neurons per edit)."""
+
+    @torch.no_grad()
+    def reachable(self, x: Float[Tensor, "... d"],
+                  gate: Bool[Tensor, "... E"] | None = None) -> Int[Tensor, "e"] | None:
+        """The committed edits with a neuron that may fire somewhere in x (and, given `gate`, that are let
+        through somewhere); None when that is all of them (or the activation is not ReLU). By
+        Cauchy–Schwarz every neuron j of edit e has
+
+            x·k_j + b_j ≤ x·c_e + |x|·ρ_e + max_j b_j,   c_e the mean of its keys, ρ_e their largest distance to it,
+
+        so an edit whose bound is ≤ 0 on every token adds an exact zero (ReLU) and passes no gradient. An
+        edit's n neurons start from one or a few inputs, so ρ_e is small (0 for a one-token answer) and the
+        bound costs 1/n of x·K."""
+        if not isinstance(self.activation, nn.ReLU):
+            return None
+        centre, radius, top = self._bound()
+        x = x.reshape(-1, x.shape[-1])
+        upper = x @ centre.to(x.device) + x.norm(dim=-1, keepdim=True) * radius.to(x.device) + top.to(x.device)
+        live = (upper > 0).any(0)
+        if gate is not None:
+            live = live & gate.reshape(-1, gate.shape[-1]).any(0)
+        edits = live.nonzero().squeeze(1)
+        return None if len(edits) == self.edits else edits
+
+    def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, "E"], Float[Tensor, "E"]]:
+        """(c_e, ρ_e, max_j b_j) of every committed edit, kept until the keys or biases change."""
+        def bound():
+            per_edit = rearrange(self.keys.float(), "d (e n) -> d e n", n=self.n)
+            centre = per_edit.mean(2)
+            radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
+            return centre, radius, reduce(self.bias.float(), "(e n) -> e", "max", n=self.n)
+        return self._kept("_bound_cache", (self.keys, self.bias), bound)
+
+    def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"], values: Float[Tensor, "N d"],
+                  edits: Int[Tensor, "e"]) -> tuple[Int[Tensor, "e*n"], Tensor, Tensor, Tensor]:
+        """(columns, K, b, V) of the given edits' neurons, kept while the edits and the tensors stay the same:
+        between the steps of one edit the reachable set often does, and the copies are then made once."""
+        def gather():
+            cols = self.columns(edits)
+            return cols, keys[:, cols], bias[cols], values[cols]
+        return self._kept("_gather_cache", (keys, bias, values), gather, edits)
+
+    def _kept(self, name: str, tensors: tuple[Tensor, ...], make, edits: Tensor | None = None):
+        """make(), kept in `self.<name>` until one of `tensors` is replaced or changed in place, or `edits` differ."""
+        version = tuple(t._version for t in tensors)
+        cached = self.__dict__.get(name)
+        if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
+                or (edits is not None and not torch.equal(cached[2], edits))):
+            cached = self.__dict__[name] = (tensors, version, edits, make())
+        return cached[3]
+
+    def columns(self, edits: Int[Tensor, "e"]) -> Int[Tensor, "e*n"]:
+        """The neuron columns of the given edits (each edit owns n consecutive ones)."""
+        return (edits[:, None] * self.n + torch.arange(self.n, device=edits.device)).flatten()

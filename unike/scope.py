@@ -1,0 +1,64 @@
+"""The router's plumbing: each forward pass's gate g_e, computed at the first edited layer's input, and
+the prompts' image codes, taken from the image tokens where a call has them and kept with its KV cache for
+the generated tokens (a cached generate step sees one token), so cached and uncached generation agree."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from transformers.cache_utils import Cache
+
+from .collect import tokens
+from .hooks import Hooks
+from .layer import Switch, follow
+from .roles import image_mask
+from .router import EditRouter, image_codes
+
+
+class Scope:
+    """Sets `switch.gate` from `router` at every forward of the first edited block."""
+
+    def __init__(self, router: EditRouter, switch: Switch, image_token: int | None):
+        self.router, self.switch, self.image_token = router, switch, image_token
+        self.call: tuple = (None, None)                  # (input_ids, KV cache) of the current call
+        self.images = weakref.WeakKeyDictionary()       # a KV cache -> its prompts' image codes
+
+    def attach(self, model: nn.Module, block: nn.Module, hooks: Hooks) -> None:
+        hooks.pre(block, self._gate, with_kwargs=True)
+        hooks.pre(model, self._record_call, with_kwargs=True)
+
+    def detach(self) -> None:
+        self.call, self.switch.gate = (None, None), None
+
+    def _record_call(self, module, args, kwargs):
+        cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)   # `cache` or `past_key_values`
+        self.call = (kwargs.get("input_ids", args[0] if args else None), cache)
+
+    def _gate(self, module, args, kwargs):
+        self.switch.gate = self.route(args[0] if args else kwargs["hidden_states"])
+
+    def route(self, x: Float[Tensor, "b t d"]) -> Bool[Tensor, "b t e"] | None:
+        """g_e at every position of x (the first edited layer's input), or None where nothing is gated."""
+        cfg = self.switch.config
+        if not (self.switch.enabled and cfg.route and cfg.intrinsic and self.router.edits):
+            return None
+        image, has = self.image_codes(x)
+        return follow(self.router, x)(x, image, has)
+
+    def image_codes(self, x: Float[Tensor, "b t d"]) -> tuple[Tensor | None, Tensor | None]:
+        """The prompts' image codes and which prompts have one; (None, None) where the model does not mark
+        image tokens in input_ids (it is then routed on the question alone)."""
+        ids, cache = self.call
+        if self.image_token is None or not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] > x.shape[1]:
+            return None, None       # no image marks, or a model that does not run input_ids' tokens as they are
+        mask = image_mask(ids, self.image_token)
+        if mask.any():
+            codes = image_codes(tokens(x, {"input_ids": ids}), mask.to(x.device))
+            if cache is not None:
+                self.images[cache] = codes
+            return codes
+        if cache is not None and cache in self.images:
+            return self.images[cache]
+        return x.new_zeros(len(ids), x.shape[-1]).float(), torch.zeros(len(ids), dtype=torch.bool, device=x.device)

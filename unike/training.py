@@ -1,0 +1,155 @@
+"""How one edit's neurons are made (paper §3.2, T-Patcher style): keys initialised along the discriminant
+direction of the edit's FFN inputs against unrelated ones, then keys, biases and values trained together
+on the edit's cross-entropy and two hinge losses (fire on the edit's own positions, stay silent on
+unrelated inputs), until the target is generated and both margins hold.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .collect import BatchStates, tokens
+from .config import UniKEConfig
+from .layer import EditedLayer
+from .prompting import IGNORE
+from .roles import target_positions
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Turn off gradients of the model's own parameters (not unike's) for a while, then restore the flags."""
+    flags = [(p, p.requires_grad) for n, p in model.named_parameters() if "unike_" not in n]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def init_keys(q: Float[Tensor, "n d"], neg: Float[Tensor, "m d"], mu: Float[Tensor, "d"], ridge: float | None,
+              margin: float) -> Float[Tensor, "d n"]:
+    """Keys along the discriminant direction Σ⁻¹(q − μ) of each neuron's input against the negatives
+    (covariance Σ + ridge·mean(diag Σ)·I; None or a single negative: along q − μ), scaled so the
+    pre-activation q·k + b with b = −μ·k is `margin` at q and 0 at μ."""
+    delta = q - mu
+    if len(neg) > 1 and ridge is not None:
+        cov = torch.cov(neg.T.double())
+        cov += ridge * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        w = torch.linalg.solve(cov, delta.T.double()).T.to(delta)
+    else:
+        w = delta
+    return (w * margin / (w * delta).sum(-1, keepdim=True).clamp_min(1e-6)).T
+
+
+def unrelated(q_pos: dict[int, Float[Tensor, "p d"]], pools: dict[int, Float[Tensor, "m d"]],
+              exclude_cos: float) -> Bool[Tensor, "m"]:
+    """Which negatives are unrelated to the edit. A negative is the *same knowledge* as the edit (another
+    rendering or wording of the edited fact, which the edit should reach) when its FFN input agrees with the
+    edit's at every edited layer: the mean over layers of the best cosine to the edit's positions
+    (standardised by the negatives' statistics) is at least `exclude_cos`. Those are not pushed down."""
+    cos = 0
+    for l, neg in pools.items():
+        q = q_pos[l]
+        mu, sd = neg.mean(0), neg.std(0).clamp_min(1e-5) if len(neg) > 1 else torch.ones_like(q[0, 0])
+        cos = cos + (F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q - mu) / sd, dim=-1).T).max(1).values
+    return cos / len(pools) < exclude_cos
+
+
+def targets(labels: Tensor, eos: int | None) -> Bool[Tensor, "b t"]:
+    """The positions an edit's neurons sit at: those that predict a target token. The answer's end
+    (predicting EOS) is left out where others exist: it only trains through the loss, its state is the
+    same "answer ends" state as every other answer's."""
+    pos_mask = target_positions(labels)
+    ends = pos_mask & (F.pad(labels[:, 1:], (0, 1), value=IGNORE) == eos)
+    return pos_mask & ~ends if (pos_mask & ~ends).any() else pos_mask
+
+
+def violation(z: Tensor, margin: float) -> Tensor:
+    """Hinge of pre-activations above −margin, averaged over the violating ones: hard ones are not diluted."""
+    hinge = F.relu(z + margin)
+    return hinge.sum() / (hinge > 0).sum().clamp_min(1)
+
+
+def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniKEConfig, inputs: dict[str, Tensor],
+                  states: dict[int, BatchStates], at: Bool[Tensor, "b t"],
+                  extra: dict[int, Tensor] | None = None, progress: bool = False) -> dict[str, float]:
+    """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
+    Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
+    the edit's own prompt positions and `extra` (other questions over the edit's image)."""
+    cfg, labels = config, inputs["labels"]
+    pos_mask = target_positions(labels)                       # positions that predict target tokens
+    neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
+    rows, cols = at.nonzero(as_tuple=True)
+    assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
+    pools = {l: torch.cat([ly.negatives.to(states[l].q), ly.edited.to(states[l].q), states[l].q[neg_mask]]
+                          + ([extra[l].to(states[l].q)] if extra else [])) for l, ly in layers.items()}
+    keep = unrelated({l: st.q[rows, cols] for l, st in states.items()}, pools, cfg.neg_exclude_cos)
+    first = assign == 0                                       # neurons at the question's last token
+    negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
+    for l, layer in layers.items():
+        q_pos, neg = states[l].q[rows, cols], pools[l]                     # [P, d], [m, d]
+        mu = neg.mean(0)
+        layer.edited = torch.cat([layer.edited, q_pos.cpu()])
+        negatives[l] = neg[keep]
+        n_fit = len(layer.negatives)                     # fit inputs that are the same knowledge: fire there too
+        positives[l] = neg[:n_fit][~keep[:n_fit]] if cfg.memory_positives else neg[:0]
+        keys = init_keys(q_pos[assign], neg, mu, cfg.key_ridge, cfg.margin_pos)
+        bias = -(mu @ keys)
+        inside[l] = layer.answer_negatives.to(q_pos)
+        prompts[l] = layer.prompt_negatives.to(q_pos)
+        if len(inside[l]) and not first.all():   # neurons inside a multi-token answer: against fit answers
+            pool = torch.cat([inside[l], neg])
+            k_in = init_keys(q_pos[assign[~first]], pool, pool.mean(0), cfg.key_ridge, cfg.margin_pos)
+            keys[:, ~first], bias[~first] = k_in, -(pool.mean(0) @ k_in)
+        patch = layer.neurons
+        patch.begin(keys, bias)
+        # step sizes relative to each tensor's natural scale, so one edit_lr fits every model width
+        groups += [{"params": [patch.pending["k"]], "lr": cfg.edit_lr * float(keys.pow(2).mean().sqrt())},
+                   {"params": [patch.pending["b"]], "lr": cfg.edit_lr * cfg.margin_pos},
+                   {"params": [patch.pending["v"]], "lr": cfg.edit_lr * float(states[l].x_rms)}]
+    opt = torch.optim.Adam(groups)
+    batch = {k: v for k, v in inputs.items() if k != "labels"}
+    tgt = labels[:, 1:]
+    with frozen(model), torch.enable_grad():
+        for step in tqdm(range(cfg.edit_steps + 1), desc="edit", disable=not progress):
+            logits = model(**batch).logits[:, -labels.shape[1]:][:, :-1].float()
+            ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE)
+            probs = logits.softmax(-1)[tgt != IGNORE].gather(-1, tgt[tgt != IGNORE][:, None])
+            reached = bool((probs > cfg.stop_prob).all())          # every target token generated
+            act = neg_loss = torch.zeros((), device=logits.device)
+            for l, layer in layers.items():
+                z_of = layer.neurons.pending_preactivation
+                z = z_of(tokens(layer.q, inputs)[rows, cols][assign])            # [n, n] own positions
+                act = act + F.relu(cfg.margin_pos - z.diagonal()).mean()
+                if len(positives[l]):
+                    act = act + F.relu(cfg.margin_pos - z_of(positives[l])[:, first]).mean()
+                if len(negatives[l]):
+                    neg_loss = neg_loss + violation(z_of(negatives[l]), cfg.margin_neg)
+                if len(inside[l]) and not first.all():
+                    neg_loss = neg_loss + violation(z_of(inside[l])[:, ~first], cfg.margin_neg)
+                if len(prompts[l]):        # a term of its own: many easy rows do not dilute the others
+                    neg_loss = neg_loss + violation(z_of(prompts[l]), cfg.margin_neg)
+            loss = ce + cfg.act_weight * act + cfg.neg_weight * neg_loss
+            held = act.item() == 0 and neg_loss.item() == 0         # both margins, at every layer
+            if (reached and held) or step == cfg.edit_steps:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for layer in layers.values():
+        layer.neurons.commit()
+    info = {"steps": step, "loss": loss.item(), "reached": reached, "margins_held": held,
+            "target_prob": probs.min().item()}
+    if not reached:
+        warnings.warn(f"the edit did not reach its target in {step} steps (lowest target-token probability "
+                      f"{info['target_prob']:.2f}): its answer may differ from the target; raise "
+                      "UniKEConfig.edit_steps or edit_lr", stacklevel=4)
+    return info
