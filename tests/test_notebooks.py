@@ -1,34 +1,52 @@
-"""The tutorial notebooks: committed without outputs, one parameter cell each, and identical to what
-scripts/make_notebooks.py writes. `pytest --nbmake` (on in pyproject) runs them top to bottom."""
-import importlib.util
+"""The tutorial notebooks: `notebooks/NN_name.py` (jupytext percent format) paired with `NN_name.ipynb`
+(outputs stripped; `pytest --nbmake`, on in pyproject, runs it top to bottom)."""
 import json
+import re
 from pathlib import Path
 
+import jupytext
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NAMES = sorted(p.stem for p in (ROOT / "notebooks").glob("*.py"))
+MAX_CELL_LINES = 16
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_notebooks", ROOT / "scripts" / "make_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_outputs_are_stripped_and_first_code_cell_holds_the_parameters(path):
-    cells = [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
-    assert cells and all(not c["outputs"] and c["execution_count"] is None for c in cells)
-    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert tagged == [0]
-    assert "torch.set_num_threads(1)" in "".join(cells[1]["source"])   # before the set-up loads anything
+def test_every_notebook_has_its_pair():
+    assert NAMES and NAMES == sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_notebooks_match_their_generator():
-    gen = _generator()
-    assert [p.stem for p in NOTEBOOKS] == sorted(gen.NOTEBOOKS)
-    for name in gen.NOTEBOOKS:
-        on_disk = (ROOT / "notebooks" / f"{name}.ipynb").read_text(encoding="utf-8")
-        assert on_disk == gen.text(name), f"{name}.ipynb is stale: run python scripts/make_notebooks.py"
+@pytest.mark.parametrize("name", NAMES)
+def test_py_and_ipynb_agree(name):
+    script, notebook = (jupytext.read(ROOT / "notebooks" / f"{name}.{ext}") for ext in ("py", "ipynb"))
+    cells = lambda nb: [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]  # noqa: E731
+    assert cells(script) == cells(notebook), f"run `jupytext --sync notebooks/{name}.py`"
+    assert notebook.metadata["jupytext"]["formats"] == script.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_outputs_stripped_parameters_first_and_short_cells(name):
+    raw = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text(encoding="utf-8"))
+    assert all(not c["outputs"] and c["execution_count"] is None for c in raw["cells"] if c["cell_type"] == "code")
+    cells = code_cells(jupytext.read(ROOT / "notebooks" / f"{name}.py"))
+    assert [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])] == [0]
+    setup = cells[1].source          # threads set before the set-up loads anything
+    assert "torch.set_num_threads(1)" in setup and setup.index("set_num_threads") < setup.index("tutorial.setup(")
+    long = [c.source.splitlines()[0] for c in cells if len(c.source.splitlines()) > MAX_CELL_LINES]
+    assert not long, f"code cells over {MAX_CELL_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_public_api(name):
+    source = (ROOT / "notebooks" / f"{name}.py").read_text(encoding="utf-8")
+    assert "unike.prompting" not in source and "on_model(" not in source and "encode(" not in source
+    assert not re.search(r"editor\._|\._[a-z]", source), "a private attribute"
+
+
+def test_nbmake_runs_the_notebooks(pytestconfig):
+    paths = pytestconfig.getini("testpaths")
+    assert "--nbmake" in pytestconfig.getini("addopts") and "notebooks" in paths
