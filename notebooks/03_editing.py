@@ -59,6 +59,7 @@ print(run)
 editor = unike.UniKE(model, processor)
 states = editor.collect(triplets)         # the model's states, collected once for every editor below
 editor.fit_states(states)
+print(f"fitted at layers {editor.layer_ids} from {len(triplets)} triplets")
 
 # %% [markdown]
 # Two small helpers print score dicts as a table and draw them as bars, one row per setting.
