@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Each sets up .venv on first use.
+# `make notebooks-docs` re-executes the tutorials into docs/notebooks/ (outputs kept, a few minutes).
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
@@ -6,7 +7,7 @@ BIN      = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test notebooks-docs clean
 
 install: $(STAMP)
 
@@ -22,6 +23,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+notebooks-docs: install
+	$(BIN)/python scripts/publish_notebooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,5 +1,6 @@
 """The tutorial notebooks: `notebooks/NN_name.py` (jupytext percent format) paired with `NN_name.ipynb`
-(outputs stripped; `pytest --nbmake`, on in pyproject, runs it top to bottom)."""
+(outputs stripped; `pytest --nbmake`, on in pyproject, runs it top to bottom), and an executed copy with
+outputs in docs/notebooks/ (scripts/publish_notebooks.py writes it; nbmake leaves it alone)."""
 import json
 import re
 from pathlib import Path
@@ -47,6 +48,20 @@ def test_only_public_api(name):
     assert not re.search(r"editor\._|\._[a-z]", source), "a private attribute"
 
 
-def test_nbmake_runs_the_notebooks(pytestconfig):
+@pytest.mark.parametrize("name", NAMES)
+def test_published_copy_is_executed_and_current(name):
+    path = ROOT / "docs" / "notebooks" / f"{name}.ipynb"
+    assert path.is_file(), "run `make notebooks-docs`"
+    published, source = jupytext.read(path), jupytext.read(ROOT / "notebooks" / f"{name}.ipynb")
+    assert [c.source for c in code_cells(published)] == [c.source for c in code_cells(source)], \
+        f"{path.relative_to(ROOT)} is stale: run `make notebooks-docs`"
+    assert all(c.execution_count for c in code_cells(published))
+    assert sum(bool(c.outputs) for c in code_cells(published)) >= len(code_cells(published)) // 2
+    assert any("image/png" in o.get("data", {}) for c in code_cells(published) for o in c.outputs)
+    assert not any(o.get("output_type") == "error" for c in code_cells(published) for o in c.outputs)
+
+
+def test_nbmake_runs_notebooks_but_not_the_published_copies(pytestconfig):
     paths = pytestconfig.getini("testpaths")
     assert "--nbmake" in pytestconfig.getini("addopts") and "notebooks" in paths
+    assert not any(p == "docs" or p.startswith("docs/") for p in paths) and "docs" in pytestconfig.getini("norecursedirs")
