@@ -41,11 +41,9 @@ class Index(nn.Module):
         """The top `rank` right singular vectors of the fitted keys (`torch.svd_lowrank`, seeded: a randomized
         range finder with two power iterations) and every fitted key's coordinates in them."""
         r = min(rank, *fitted.shape)
-        probe = torch.randn(fitted.shape[1], r + 8, generator=torch.Generator().manual_seed(0)).to(fitted)
-        basis = torch.linalg.qr(fitted @ probe).Q
-        for _ in range(2):                                   # power iterations sharpen the range
-            basis = torch.linalg.qr(fitted @ (fitted.T @ basis)).Q
-        self.basis = torch.linalg.svd(basis.T @ fitted, full_matrices=False).Vh[:r].contiguous()
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if fitted.is_cuda else []):
+            torch.manual_seed(0)                              # the range finder's random probe
+            self.basis = torch.svd_lowrank(fitted, q=min(r + 8, *fitted.shape), niter=2)[2][:, :r].T.contiguous()
         self.coords, self.residual = self.project(fitted)
 
     def project(self, keys: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n r"], Float[Tensor, "n"]]:
