@@ -7,6 +7,7 @@ import torch
 
 import unike
 import unike.editor as editor_module
+import unike.persist as persist_module
 from guard import FAST, assert_same, hooks_of, logits, snapshot, tiny_probe
 
 
@@ -117,20 +118,20 @@ def test_fault_inside_save_keeps_the_earlier_save(tiny, editor, tmp_path, monkey
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(editor_module, "save_file", fail)
+    monkeypatch.setattr(persist_module, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         editor.save(folder)
     monkeypatch.undo()
     assert sorted(p.name for p in folder.iterdir()) == ["unike.json", "unike.safetensors"]   # no leftovers
 
-    replace, calls = editor_module.os.replace, [0]
+    replace, calls = persist_module.os.replace, [0]
 
     def replace_once(*args):                      # the tensor file is replaced, then the JSON fails
         calls[0] += 1
         if calls[0] == 2:
             raise OSError("power cut")
         return replace(*args)
-    monkeypatch.setattr(editor_module.os, "replace", replace_once)
+    monkeypatch.setattr(persist_module.os, "replace", replace_once)
     with pytest.raises(OSError, match="power cut"):
         editor.save(folder)
     monkeypatch.undo()
