@@ -7,7 +7,7 @@ BIN      = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: install demo test notebooks-docs clean
+.PHONY: install demo test lint notebooks-docs clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ test: install
 
 notebooks-docs: install
 	$(BIN)/python scripts/publish_notebooks.py
+
+lint: install
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

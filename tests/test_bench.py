@@ -14,8 +14,8 @@ from unike.metrics import METRICS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_results.json"
 SMALL = ["--triplets", "64", "--seed", "3", "--quiet"]
-SPEED = ["--speed", "--speed-edits", "4", "--speed-steps", "5", "--speed-edits-at", "8", "--speed-fill-edits", "3", "--speed-memory", "200",
-         "--speed-repeats", "2", "--speed-batch", "2", "--mid", "64x4"]
+SPEED = ["--speed", "--speed-edits", "4", "--speed-steps", "5", "--speed-edits-at", "8", "--speed-fill-edits", "3",
+         "--speed-memory", "200", "--speed-repeats", "2", "--speed-batch", "2", "--mid", "64x4"]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from archs import ARCHS, EXTRA_ARCHS  # tests/ is on sys.path (tests/conftest.py)
-
 from unike.hooks import Hooks
 from unike.locate import locate
 

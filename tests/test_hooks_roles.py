@@ -4,7 +4,15 @@ from torch import nn
 
 from unike import Hooks
 from unike.prompting import IGNORE, collate
-from unike.roles import answer_end_index, answer_mask, image_mask, last_index, last_prompt_index, prompt_mask, target_positions
+from unike.roles import (
+    answer_end_index,
+    answer_mask,
+    image_mask,
+    last_index,
+    last_prompt_index,
+    prompt_mask,
+    target_positions,
+)
 
 
 def test_hooks_remove_exactly_what_they_added():
@@ -44,7 +52,7 @@ def test_roles_under_left_and_right_padding():
         assert tp[1].nonzero().flatten().tolist() == [1 + offset]
         assert image_mask(b["input_ids"], 9).sum().item() == 2
         assert not image_mask(b["input_ids"], None).any()
-        ends = lambda eos: answer_end_index(b["input_ids"], b["attention_mask"], b["labels"], eos).tolist()  # noqa: E731
+        ends = lambda eos, b=b: answer_end_index(b["input_ids"], b["attention_mask"], b["labels"], eos).tolist()  # noqa: E731
         assert ends(None) == [5, 2 + offset]          # no EOS known: the last real token
         assert ends(8) == [4, 2 + offset]             # row 0 ends in a labelled "EOS" 8: the token before it
         assert ends(7) == [5, 1 + offset]             # row 1 ends in a labelled "EOS" 7

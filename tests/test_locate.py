@@ -11,7 +11,6 @@ import transformers as tf
 from torch import nn
 
 from archs import ARCHS  # tests/ is on sys.path (tests/conftest.py)
-
 from unike.locate import Layer, LocateError, TextStack, locate
 
 # ---------------------------------------------------------------------------------------------

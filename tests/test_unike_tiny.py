@@ -4,7 +4,6 @@ import time
 import warnings
 
 import pytest
-import torch
 
 import unike
 

@@ -9,8 +9,18 @@ import pytest
 
 from unike.data.case import EditCase, load_image
 from unike.data.mmedit import load_mmedit
-from unike.data.world import (ATTRIBUTES, CAPITALS, CAPTION_PROMPTS, CLIMATES, COLOURS, EVAL_SEED, FACTS, QUESTIONS,
-                               TWO_HOP_QUESTIONS, SynthWorld)
+from unike.data.world import (
+    ATTRIBUTES,
+    CAPITALS,
+    CAPTION_PROMPTS,
+    CLIMATES,
+    COLOURS,
+    EVAL_SEED,
+    FACTS,
+    QUESTIONS,
+    TWO_HOP_QUESTIONS,
+    SynthWorld,
+)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["v1", "v2"])

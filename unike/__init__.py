@@ -1,5 +1,6 @@
 """unike: UniKE multimodal knowledge editing for any Hugging Face VLM, through forward hooks."""
 
+from . import baselines
 from .answer import answer
 from .data.case import EditCase, Triplet
 from .data.mmedit import load_mmedit
@@ -10,7 +11,6 @@ from .hooks import Hooks
 from .locate import LocateError, TextStack, locate
 from .metrics import evaluate
 from .tiny import load_tiny
-from . import baselines
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ the KV cache (the prefill step sees the whole prompt, cached steps see one new t
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -31,7 +31,8 @@ class Hooks:
 
     def pre(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False,
             prepend: bool = False) -> RemovableHandle:
-        """`fn(module, args) -> new args or None` (with_kwargs: `fn(module, args, kwargs) -> (args, kwargs) or None`)."""
+        """`fn(module, args) -> new args or None`
+        (with_kwargs: `fn(module, args, kwargs) -> (args, kwargs) or None`)."""
         handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
         self._handles.append(handle)
         return handle
@@ -44,7 +45,7 @@ class Hooks:
     def __len__(self) -> int:
         return len(self._handles)
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         return self
 
     def __exit__(self, *exc) -> None:

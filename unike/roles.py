@@ -38,7 +38,8 @@ def prompt_mask(attention_mask: Int[Tensor, "b t"], labels: Int[Tensor, "b t"] |
     return mask if labels is None else mask & ~answer_mask(labels)
 
 
-def last_prompt_index(attention_mask: Int[Tensor, "b t"], labels: Int[Tensor, "b t"] | None = None) -> Int[Tensor, "b"]:
+def last_prompt_index(attention_mask: Int[Tensor, "b t"],
+                      labels: Int[Tensor, "b t"] | None = None) -> Int[Tensor, " b"]:
     """Position of the last prompt token of each row (the question's last token, before any answer)."""
     mask = prompt_mask(attention_mask, labels)
     if not mask.any(1).all():
@@ -47,13 +48,13 @@ def last_prompt_index(attention_mask: Int[Tensor, "b t"], labels: Int[Tensor, "b
     return torch.where(mask, positions, -1).max(1).values
 
 
-def last_index(attention_mask: Int[Tensor, "b t"]) -> Int[Tensor, "b"]:
+def last_index(attention_mask: Int[Tensor, "b t"]) -> Int[Tensor, " b"]:
     """Position of the last real (non-padding) token of each row."""
     return last_prompt_index(attention_mask, None)
 
 
 def answer_end_index(input_ids: Int[Tensor, "b t"], attention_mask: Int[Tensor, "b t"],
-                     labels: Int[Tensor, "b t"], eos_id: int | None) -> Int[Tensor, "b"]:
+                     labels: Int[Tensor, "b t"], eos_id: int | None) -> Int[Tensor, " b"]:
     """Position of each row's final answer token: the last real token, or the one before it where that is
     a labelled end-of-sequence token (an answer trained to stop)."""
     end = last_index(attention_mask)

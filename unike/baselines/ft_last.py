@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class FTLast:
         for n, p in self.params.items():
             p.copy_(weights[n])
 
-    def fit(self, triplets=None, *, progress: bool = True) -> "FTLast":
+    def fit(self, triplets=None, *, progress: bool = True) -> FTLast:
         """Nothing to fit: FT-L needs no data beyond the edit."""
         return self
 
@@ -85,7 +85,7 @@ class FTLast:
         self.n_edits += 1
         return {"steps": step, "loss": loss.item()}
 
-    def reset(self) -> "FTLast":
+    def reset(self) -> FTLast:
         """Drop every edit: the original FFN weights, bit for bit."""
         self._check_attached()
         self._load(self.original)

@@ -71,7 +71,7 @@ class GRACE:
         if self.hooks is None:
             raise RuntimeError("this GRACE was detached; build a new GRACE(model, processor) to edit again")
 
-    def nearest(self, query: Float[Tensor, "n d_in"]) -> tuple[Float[Tensor, "n"], Tensor]:
+    def nearest(self, query: Float[Tensor, "n d_in"]) -> tuple[Float[Tensor, " n"], Tensor]:
         """Distance to the nearest key and its index, per query row (exact, float32)."""
         dist = torch.cdist(query.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
         return dist.min(-1)
@@ -92,12 +92,12 @@ class GRACE:
         flat = out.reshape(-1, out.shape[-1])
         return torch.where(hit[:, None], values[idx].to(out.dtype), flat).reshape(out.shape)
 
-    def fit(self, triplets=None, *, progress: bool = True) -> "GRACE":
+    def fit(self, triplets=None, *, progress: bool = True) -> GRACE:
         """Nothing to fit: GRACE needs no data beyond the edits."""
         return self
 
     @torch.no_grad()
-    def _query(self, inputs: dict, at: int) -> tuple[Float[Tensor, "d_in"], int]:
+    def _query(self, inputs: dict, at: int) -> tuple[Float[Tensor, " d_in"], int]:
         """The down-projection's input `at` positions from the end of the sequence, and its output width."""
         seen = []
         with Hooks() as h:
@@ -162,7 +162,7 @@ class GRACE:
             self.values[entry] = value.detach()
         return {"steps": self.steps, "loss": loss.item(), "keys": self.n_edits, "rule": rule}
 
-    def reset(self) -> "GRACE":
+    def reset(self) -> GRACE:
         """Drop every edit: an empty codebook."""
         self._check_attached()
         self.keys = self.values = self.eps = None

@@ -6,9 +6,10 @@ written in front of each prompt.
 question), then the prompt, joined by `sep` (default " ; ", the tiny model's demonstration separator: a
 word in its vocabulary, where a newline would vanish in its whitespace tokenizer). The rewritten text
 goes through `prompting.encode` as the user's text, so the demonstrations land inside the user turn
-(after the image, where the chat template puts it). Similarity: cosine of the mean input embedding of the tokens (the model's own embedding table,
-no forward pass, independent of any edit made by an inner method). `unike.evaluate` applies `rewrite` to
-every probe when scoring the edited model (never for the unedited predictions); to query by hand:
+(after the image, where the chat template puts it). Similarity: cosine of the mean input embedding of the
+tokens (the model's own embedding table, no forward pass, independent of any edit made by an inner method).
+`unike.evaluate` applies `rewrite` to every probe when scoring the edited model (never for the unedited
+predictions); to query by hand:
 `unike.answer(ike.model, ike.processor, image, ike.rewrite(prompt))`.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ class PromptIKE:
         best = sims.topk(min(self.k, len(sims))).indices.flip(0).tolist()
         return self.sep.join([self.demos[i] for i in best] + [prompt])
 
-    def fit(self, triplets=None, *, progress: bool = True) -> "PromptIKE":
+    def fit(self, triplets=None, *, progress: bool = True) -> PromptIKE:
         """Nothing to fit for the demonstrations; fits `inner` if there is one."""
         if self.inner is not None:
             self.inner.fit(triplets, progress=progress)
@@ -80,7 +81,7 @@ class PromptIKE:
         self.keys = torch.cat([self.keys, key[None]])
         return info
 
-    def reset(self) -> "PromptIKE":
+    def reset(self) -> PromptIKE:
         """Drop every demonstration (and reset `inner`)."""
         if self.inner is not None:
             self.inner.reset()

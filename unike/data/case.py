@@ -89,7 +89,7 @@ class EditCase:
                 raise ValueError(f"EditCase.{prompt} is given without {answer}: give the probe's answer, "
                                  f"or drop {prompt}")
 
-    def resolved(self) -> "EditCase":
+    def resolved(self) -> EditCase:
         """A copy whose image fields are PIL images (paths opened)."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("image", "rephrase_image", "mloc_image", "ri_image"):

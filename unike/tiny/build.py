@@ -10,8 +10,14 @@ In-context demonstrations ("question answer") go before the question, each follo
 from __future__ import annotations
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..data.world import SynthWorld
