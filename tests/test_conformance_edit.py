@@ -1,4 +1,6 @@
-"""Every architecture of the conformance matrix: fit → edit (inputs dict with labels) → generate → detach."""
+"""Every architecture of the conformance matrix: fit → edit (inputs dict with labels) → generate, and
+disabled() / detach() give back the unedited model bit for bit (logits, hooks, state_dict keys): the one
+test of detach's exactness for UniKE (the baselines, dtypes and device maps have their own)."""
 import warnings
 
 import pytest
@@ -6,6 +8,7 @@ import torch
 
 import unike
 from archs import ARCHS
+from guard import hooks_of
 from labelled import fit_pairs, with_answer
 
 ENCODER_DECODER = {"florence2"}  # the answer lives in decoder_input_ids: refused with a clear error
@@ -26,6 +29,7 @@ def test_fit_edit_generate_detach(name):
         if out is not None:  # make the random lm_head's argmax decisive (it is nearly flat after the final norm);
             out.weight = torch.nn.Parameter(out.weight * 30)  # a copy: tied input embeddings stay as they are
         before = model(**inputs).logits.clone()
+    hooks, keys = hooks_of(model), list(model.state_dict())
     n = len(unike.locate(model))
     editor = unike.UniKE(model, None, unike.UniKEConfig(layers=min(2, n), encoder_steps=3, min_triplets=8,
                                                           edit_steps=150))
@@ -39,6 +43,11 @@ def test_fit_edit_generate_detach(name):
         logits = model(**batch).logits[:, -labels.shape[1]:]
         assert logits[:, :-1].argmax(-1)[labels[:, 1:] != -100].tolist() == [7, 9]
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert any("unike_" in k for k in model.state_dict())
+        with editor.disabled():
+            assert torch.equal(model(**inputs).logits, before)
     editor.detach()
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, before)
+    assert hooks_of(model) == hooks and list(model.state_dict()) == keys
+    editor.detach()                                      # idempotent

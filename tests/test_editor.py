@@ -1,4 +1,5 @@
-"""Editor mechanics on a random tiny LLaVA: exactness of detach, save/load, KV cache, nnsight names."""
+"""Editor mechanics on a random tiny LLaVA: save/load, KV cache, reset, other hooks, nnsight names (detach's
+and disabled()'s exactness on every architecture: test_conformance_edit.py)."""
 import warnings
 
 import pytest
@@ -32,21 +33,6 @@ def _edited(arch, fit=True, **over):
 def _logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
-
-
-def test_edit_makes_labels_argmax_and_detach_is_exact(arch):
-    before = _logits(arch.model, arch.inputs)
-    keys = list(arch.model.state_dict())
-    editor = _edited(arch)
-    batch = with_answer(arch.inputs, [7, 9])
-    labels = batch.pop("labels")
-    pred = _logits(arch.model, batch)[:, :-1].argmax(-1)[labels[:, 1:] != -100]
-    assert pred.tolist() == [7, 9]
-    assert any("unike_" in k for k in arch.model.state_dict())
-    editor.detach()
-    assert torch.equal(_logits(arch.model, arch.inputs), before)
-    assert list(arch.model.state_dict()) == keys
-    editor.detach()  # idempotent
 
 
 def test_edit_before_fit_warns_once(arch):
@@ -88,13 +74,6 @@ def test_reset_restores_unedited_outputs_and_keeps_memory(arch):
     editor.reset()
     assert len(editor.memory[1]) == n_fit
     assert torch.equal(_logits(arch.model, arch.inputs), fitted)
-
-
-def test_disabled_gives_the_base_model(arch):
-    before = _logits(arch.model, arch.inputs)
-    editor = _edited(arch)
-    with editor.disabled():
-        assert torch.equal(_logits(arch.model, arch.inputs), before)
 
 
 def test_other_hooks_survive(arch):

@@ -77,11 +77,6 @@ def test_heldout_accuracy(scores):
     assert min(scores["per_key"].values()) >= 85.0, scores["per_key"]
 
 
-def test_metrics_file_records_the_targets():
-    m = json.loads((WEIGHTS / "metrics.json").read_text())["heldout"]
-    assert m["vqa"] >= 95 and m["text"] >= 95 and m["caption"] >= 90
-
-
 def test_image_dependence(tiny, world):
     """The same question over two entities' images (different true answers) gets each entity's own answer."""
     model, processor = tiny
