@@ -8,14 +8,11 @@ from unike.collect import FitStates
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_states):
+    """The tiny model, the shared fit states (collected with q_other, see conftest) and four cases."""
     model, processor = unike.load_tiny()
-    world = unike.SynthWorld(seed=0)
-    collector = unike.UniKE(model, processor, unike.UniKEConfig(prompt_negatives=1))   # collects q_other
-    states = collector.collect(world.triplets(n=300, seed=3), progress=False)
-    collector.detach()
-    cases = world.edit_cases("vqa", n=4, seed=5)
-    yield model, processor, states, cases
+    cases = unike.SynthWorld(seed=0).edit_cases("vqa", n=4, seed=5)
+    yield model, processor, tiny_states, cases
 
 
 def _editor(tiny, pool):
@@ -32,6 +29,7 @@ def _firing(editor, pool):
     return {l: int((editor.neurons[l].preactivation(pool[l]) > 0).any(1).sum()) for l in editor.layer_ids}
 
 
+@pytest.mark.slow
 def test_prompt_negatives_are_kept_and_trained_against(tiny, tmp_path):
     model, processor, states, _ = tiny
     editor = _editor(tiny, 256)

@@ -12,11 +12,11 @@ from unike.prompting import collate, encode, on_model, pad_id_of
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_states):
     model, processor = unike.load_tiny()
     world = unike.SynthWorld(seed=0)
     editor = unike.UniKE(model, processor, unike.UniKEConfig(edit_steps=10))
-    editor.fit(world.triplets(n=300, seed=3), progress=False)
+    editor.fit_states(tiny_states, progress=False)          # = fit(world.triplets(n=300, seed=3))
     cases = world.edit_cases("vqa", n=6, seed=5)
     editor.edit(cases[0])
     encs = [encode(processor, load_image(c.image), c.prompt, c.target) for c in cases]
@@ -41,6 +41,7 @@ def _queries(editor, batch) -> dict:
     return {l: F.normalize(editor.memory[l].spaces.standardize(x), dim=-1) for l, x in seen.items()}
 
 
+@pytest.mark.slow
 def test_pruned_forward_equals_full_retrieval(tiny):
     editor, batch = tiny
     with torch.no_grad():
@@ -54,6 +55,7 @@ def test_pruned_forward_equals_full_retrieval(tiny):
     assert all(m.prune for m in editor.memory.values())
 
 
+@pytest.mark.slow
 def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
     editor, batch = tiny
     opened = spared = 0
@@ -75,6 +77,7 @@ def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
     assert spared > 0, "every token scanned the index: the norm bound spared none"
 
 
+@pytest.mark.slow
 def test_index_holds_the_fitted_keys_almost_whole(tiny):
     editor, _ = tiny
     for l, mem in editor.memory.items():
@@ -87,6 +90,7 @@ def test_index_holds_the_fitted_keys_almost_whole(tiny):
         assert ix.coords.norm(dim=1).pow(2).median() > 0.9, f"layer {l}: the index misses the fitted keys"
 
 
+@pytest.mark.slow
 def test_fitted_entries_join_the_index_and_edits_are_refused_before_them(tiny):
     editor, _ = tiny
     mem = editor.memory[editor.layer_ids[0]]
@@ -103,6 +107,7 @@ def _exact(mem, q):
     return idx.sort(1).values, sims
 
 
+@pytest.mark.slow
 def test_retrieval_through_the_index_is_the_exact_top_k(tiny, monkeypatch):
     editor, batch = tiny
     for l, q in _queries(editor, batch).items():

@@ -44,11 +44,11 @@ def test_image_codes_mean_over_image_tokens():
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_states):
     model, processor = unike.load_tiny()
     world = unike.SynthWorld(seed=0)
     editor = unike.UniKE(model, processor)
-    editor.fit(world.triplets(n=300, seed=3), progress=False)
+    editor.fit_states(tiny_states, progress=False)          # = fit(world.triplets(n=300, seed=3))
     yield model, processor, world, editor
     editor.detach()
 
@@ -61,6 +61,7 @@ def _gate_last(editor, image, prompt):
     return editor.edits.switch.gate[0, -1]
 
 
+@pytest.mark.slow
 def test_edit_routes_to_its_scope_only(tiny):
     model, processor, world, editor = tiny
     cases = world.edit_cases("vqa", n=6, seed=21)
@@ -80,6 +81,7 @@ def test_edit_routes_to_its_scope_only(tiny):
     assert editor.router.edits == 0 and editor.scope.route(torch.zeros(1, 1, 1)) is None
 
 
+@pytest.mark.slow
 def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
     model, processor = unike.load_tiny()
     world = unike.SynthWorld(seed=0)

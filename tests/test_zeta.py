@@ -24,15 +24,12 @@ def test_decoder_inverts_a_linear_encoder_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_states):
     model, processor = unike.load_tiny()
-    world = unike.SynthWorld(seed=0)
-    collector = unike.UniKE(model, processor)
-    states = collector.collect(world.triplets(n=300, seed=3), progress=False)
-    collector.detach()
-    yield model, processor, states, world.edit_cases("vqa", n=1, seed=23)[0]
+    yield model, processor, tiny_states, unike.SynthWorld(seed=0).edit_cases("vqa", n=1, seed=23)[0]
 
 
+@pytest.mark.slow
 def test_variants_give_different_fixed_directions(tiny):
     model, processor, states, case = tiny
     primes = {}
