@@ -26,6 +26,7 @@ def e2e(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_results_schema_and_files(e2e):
     out, res = e2e
     keys = {"method", "task", "mode", "k", "n", "protocol", "score_after", "seed", "scores", "seconds_per_edit"}
@@ -59,6 +60,7 @@ def test_results_schema_and_files(e2e):
         assert (out / "plots" / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_same_seed_same_scores_and_append_merges(e2e):
     out, first = e2e
     main(["bench", "--methods", "unike", "--task", "vqa", "--n", "2", "--alpha-cases", "0", "--no-plots",
@@ -69,6 +71,7 @@ def test_same_seed_same_scores_and_append_merges(e2e):
     assert {key(r): r["scores"] for r in again["runs"]} == {key(r): r["scores"] for r in first["runs"]}
 
 
+@pytest.mark.slow
 def test_protocol_and_score_after_through_the_cli(tmp_path):
     main(["bench", "--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "2", "--n", "2",
           "--protocol", "easyedit", "--score-after", "all,each", "--alpha-cases", "0", "--no-plots", "--out",
@@ -79,6 +82,7 @@ def test_protocol_and_score_after_through_the_cli(tmp_path):
     assert "tiny · easyedit · scored after each edit · n=2" in table and "tiny · easyedit · n=2" in table
 
 
+@pytest.mark.slow
 def test_mmedit_files_with_a_model_folder(tmp_path):
     world = unike.SynthWorld(seed=0)
     data = world.export_mmedit(tmp_path / "data", "vqa", n=20, seed=5)

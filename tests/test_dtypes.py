@@ -9,6 +9,7 @@ from guard import hooks_of, logits, tiny_probe
 from unike.prompting import encode
 
 FIT = dict(encoder_steps=10, min_triplets=8)
+pytestmark = pytest.mark.slow          # each test fits and edits the tiny model, some twice
 
 
 @pytest.fixture(scope="module")
