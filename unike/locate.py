@@ -285,7 +285,7 @@ def _error(model: nn.Module, reasons: list[str], counts: set[int] = frozenset(),
 # ---------------------------------------------------------------------------------------------
 
 
-def locate(model: nn.Module, layers: str | None = None) -> TextStack:
+def locate(model: nn.Module | object, layers: str | None = None) -> TextStack:   # object: an nnsight wrapper
     """Find the text decoder layers of ``model`` and, in each, the attention and FFN modules.
 
     Args:

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from .prompting import IGNORE
 
+Mask = Int[Tensor, "b t"] | Bool[Tensor, "b t"]      # an attention mask: 0/1 integers or booleans
+
 
 def image_token_id(model=None, processor=None) -> int | None:
     """The id that marks image positions in `input_ids` (model config first, then the processor)."""
@@ -33,12 +35,12 @@ def answer_mask(labels: Int[Tensor, "b t"]) -> Bool[Tensor, "b t"]:
     return labels != IGNORE
 
 
-def prompt_mask(attention_mask: Int[Tensor, "b t"], labels: Int[Tensor, "b t"] | None = None) -> Bool[Tensor, "b t"]:
+def prompt_mask(attention_mask: Mask, labels: Int[Tensor, "b t"] | None = None) -> Bool[Tensor, "b t"]:
     mask = attention_mask.bool()
     return mask if labels is None else mask & ~answer_mask(labels)
 
 
-def last_prompt_index(attention_mask: Int[Tensor, "b t"],
+def last_prompt_index(attention_mask: Mask,
                       labels: Int[Tensor, "b t"] | None = None) -> Int[Tensor, " b"]:
     """Position of the last prompt token of each row (the question's last token, before any answer)."""
     mask = prompt_mask(attention_mask, labels)
@@ -48,12 +50,12 @@ def last_prompt_index(attention_mask: Int[Tensor, "b t"],
     return torch.where(mask, positions, -1).max(1).values
 
 
-def last_index(attention_mask: Int[Tensor, "b t"]) -> Int[Tensor, " b"]:
+def last_index(attention_mask: Mask) -> Int[Tensor, " b"]:
     """Position of the last real (non-padding) token of each row."""
     return last_prompt_index(attention_mask, None)
 
 
-def answer_end_index(input_ids: Int[Tensor, "b t"], attention_mask: Int[Tensor, "b t"],
+def answer_end_index(input_ids: Int[Tensor, "b t"], attention_mask: Mask,
                      labels: Int[Tensor, "b t"], eos_id: int | None) -> Int[Tensor, " b"]:
     """Position of each row's final answer token: the last real token, or the one before it where that is
     a labelled end-of-sequence token (an answer trained to stop)."""
