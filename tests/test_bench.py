@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import unike
 from unike.bench import methods as registry
@@ -130,7 +131,7 @@ def test_bad_settings_raise_before_anything_runs():
 
 
 def test_cross_cases_mix_tasks_in_every_sequence():
-    setup = Setup(model=None, processor=None, label="tiny", world=unike.SynthWorld(seed=0))
+    setup = Setup(model=torch.nn.Module(), processor=None, label="tiny", world=unike.SynthWorld(seed=0))
     cases = setup.cases("cross", n=8, seed=0, k=4)
     assert [c.task for c in cases] == ["vqa", "vqa", "caption", "caption"] * 2
 
