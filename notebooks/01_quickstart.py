@@ -121,6 +121,7 @@ for name in probes:
 
 # %% tags=["figure:edit_before_after"]
 import matplotlib.pyplot as plt
+
 from unike.data.case import load_image
 
 shown = [name for name, (image, _) in probes.items() if image is not None]

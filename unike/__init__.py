@@ -2,10 +2,10 @@
 
 from . import baselines
 from .answer import answer
+from .config import UniKEConfig
 from .data.case import EditCase, Triplet
 from .data.mmedit import load_mmedit
 from .data.world import SynthWorld
-from .config import UniKEConfig
 from .editor import UniKE
 from .hooks import Hooks
 from .locate import LocateError, TextStack, locate

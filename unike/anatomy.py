@@ -37,7 +37,8 @@ def block_widths(block: nn.Module) -> set[int]:
         return {p.shape[0] for n, p in named if p.ndim == 1 and n.endswith("weight")
                 and any(k in n.lower() for k in ("norm", "ln"))}
 
-    direct = norm_sizes((f"{c}.{n}", p) for c, m in block.named_children() for n, p in m.named_parameters(recurse=False))
+    direct = norm_sizes((f"{c}.{n}", p) for c, m in block.named_children()
+                        for n, p in m.named_parameters(recurse=False))
     if direct:
         return direct
     nested = norm_sizes(block.named_parameters())

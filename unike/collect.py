@@ -4,8 +4,8 @@ the value a knowledge token would carry (`Collector.attn_values`)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from jaxtyping import Float

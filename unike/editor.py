@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from .config import UniKEConfig, edited_layers
 from .data.case import EditCase
 from .hooks import Hooks
 from .inputs import edit_inputs
-from .layer import Edits, EditedLayer
+from .layer import EditedLayer, Edits
 from .locate import LocateError, locate
 from .prompting import device_of, eos_id_of
 from .roles import image_token_id
@@ -110,7 +110,7 @@ class UniKE:
         state = "detached" if self.hooks is None else f"fitted={self.fitted}, edits={self.n_edits}"
         return f"UniKE({type(self.model).__name__}, layers={self.layer_ids}, {state})"
 
-    def __enter__(self) -> "UniKE":
+    def __enter__(self) -> UniKE:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -149,12 +149,12 @@ class UniKE:
         return edit_inputs(self.model, self.processor, item, self.stack.text_config)
 
     # ----------------------------------------------------------------------------------------- fit
-    def fit(self, triplets: Iterable, *, batch_size: int = 16, progress: bool = True) -> "UniKE":
+    def fit(self, triplets: Iterable, *, batch_size: int = 16, progress: bool = True) -> UniKE:
         """Build the latent memory from (image, question, right, wrong) triplets and train the spaces."""
         return self.fit_states(self.collect(triplets, batch_size=batch_size, progress=progress), progress=progress)
 
     def fit_inputs(self, pairs: Iterable[tuple[dict, dict]], *, total: int | None = None,
-                   progress: bool = True) -> "UniKE":
+                   progress: bool = True) -> UniKE:
         """`fit` from batches of (question + right answer, question + wrong answer) inputs with labels."""
         return self.fit_states(self.collect_inputs(pairs, total=total, progress=progress), progress=progress)
 
@@ -184,7 +184,7 @@ class UniKE:
         return states
 
     @atomic(spaces=True)
-    def fit_states(self, states: FitStates, *, progress: bool = True) -> "UniKE":
+    def fit_states(self, states: FitStates, *, progress: bool = True) -> UniKE:
         """The second half of `fit`: the latent memory, the relevance gate and the negatives from collected
         states, and the contrastive spaces trained on them (loss curve in `self.losses`). Spaces trained
         on the same states with the same encoder settings are reused, so editors with other ablation
@@ -231,8 +231,8 @@ class UniKE:
                 self.memory[l].add(st.h_sem, st.h_pos, self.collector.attn_values(l, st.h_pos, inputs))
         info = {"steps": 0, "loss": 0.0}
         if cfg.intrinsic:
-            extra = (self.collector.image_negatives(item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
-                     if isinstance(item, EditCase) else None)
+            extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
+                item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
             at = targets(inputs["labels"], eos_id_of(self.model, self.processor))
             info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra, progress)
             first = states[self.layer_ids[0]]
@@ -241,7 +241,7 @@ class UniKE:
         return info
 
     # ----------------------------------------------------------------------------------------- lifecycle
-    def reset(self) -> "UniKE":
+    def reset(self) -> UniKE:
         """Drop every edit (neurons and the edits' memory entries); keep the fitted memory and spaces."""
         self._check_attached()
         self.router.truncate(0)
@@ -276,7 +276,7 @@ class UniKE:
         return persist.save(self, path)
 
     @classmethod
-    def load(cls, model: nn.Module, processor, path) -> "UniKE":
+    def load(cls, model: nn.Module, processor, path) -> UniKE:
         """Rebuild an editor saved with `save` onto `model`: safetensors and JSON only, never pickle. The
         files, fields, checksum and every tensor's name and shape are checked before the editor is kept; on
         any error the model is left as it was."""

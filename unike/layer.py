@@ -130,7 +130,7 @@ class EditedLayer(nn.Module):
 
     def _add_neurons(self, module, args, output):
         patch, gate = self.neurons, self.switch.gate
-        if not (self.switch.enabled and self.switch.config.intrinsic) or (patch.keys.shape[1] == 0 and patch.pending is None):
+        if not (self.switch.enabled and self.switch.config.intrinsic) or (not patch.edits and patch.pending is None):
             return None
         out = first(output)
         if gate is not None and gate.shape[-1] != patch.edits:

@@ -40,7 +40,7 @@ class Knowledge(nn.Module):
     nnsight can read or steer h_know."""
 
     def forward(self, weights: Float[Tensor, "m k"], table: Float[Tensor, "N d"], idx: Int[Tensor, "m k"],
-                rows: Int[Tensor, "m"], n: int) -> Float[Tensor, "n d"]:
+                rows: Int[Tensor, " m"], n: int) -> Float[Tensor, "n d"]:
         out = weights.new_zeros(n, table.shape[1])
         return out.index_copy(0, rows, torch.einsum("mk,mkd->md", weights, table.to(weights)[idx]))
 
@@ -54,7 +54,7 @@ class Alpha(nn.Module):
         self.fixed = fixed
 
     def forward(self, enc_know: Float[Tensor, "n d"], x_std: Float[Tensor, "n d"],
-                relevant: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
+                relevant: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
         if self.fixed is not None:
             alpha = enc_know.new_full(enc_know.shape[:1], float(self.fixed))
         else:
@@ -113,7 +113,8 @@ class LatentMemory(nn.Module):
         self.index.build(self.keys[:int(self.n_fit)], self.index_rank)
 
     @torch.no_grad()
-    def calibrate(self, h_sem: Float[Tensor, "n d"], other: Float[Tensor, "m d"], quantile: float | None) -> float | None:
+    def calibrate(self, h_sem: Float[Tensor, "n d"], other: Float[Tensor, "m d"],
+                  quantile: float | None) -> float | None:
         """Index the fitted entries and set the relevance gate: a token whose best match is below the
         `quantile` of the best matches of ordinary prompt tokens (`other`) is not relevant (α = 0).
         Question-final states (`h_sem`, matched without their own entry) should pass; the fraction that
@@ -140,7 +141,7 @@ class LatentMemory(nn.Module):
         return self.index.retrieve(q, min(self.top_k, len(self)), self.keys, int(self.n_fit))
 
     @torch.no_grad()
-    def relevance(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n"]:
+    def relevance(self, x: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
         """Pre-attention states' best match (in the index for fitted entries, by cosine for the edits'),
         the number the relevance gate `min_similarity` compares."""
         return self.index.matches(self._unit(x), 1, self.keys, int(self.n_fit))[:, 0]

@@ -2,8 +2,9 @@
 baseline (`unike.baselines`) satisfy it, so they are scored alike (tests/test_baselines.py checks it)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 

@@ -49,7 +49,7 @@ class NeuronPatch(Reachable, nn.Module):
     def edits(self) -> int:
         return self.zeta.shape[0]
 
-    def begin(self, keys: Float[Tensor, "d n"], bias: Float[Tensor, "n"]) -> None:
+    def begin(self, keys: Float[Tensor, "d n"], bias: Float[Tensor, " n"]) -> None:
         """Start training a new edit's neurons from initial keys and biases (values start at zero)."""
         d = self.keys.shape[0]
         self.pending = nn.ParameterDict({
@@ -124,8 +124,8 @@ class NeuronPatch(Reachable, nn.Module):
             out = out + self._block(x, p["k"], p["b"], p["v"], zeta[e:])
         return out.to(q.dtype)
 
-    def _block(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"],
-               values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, "e"] | None = None,
+    def _block(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, " N"],
+               values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, " e"] | None = None,
                gate: Bool[Tensor, "... E"] | None = None) -> Float[Tensor, "... d"]:
         """act(x·K + b)·V + (per-edit activation)·β ζ′ of one block, each edit's activations times its
         `gate`; given `edits`, only their neurons are computed. Outside training the others' pre-activation

@@ -23,7 +23,8 @@ STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
 META_FIELDS = {"config": dict, "layer_ids": list[int], "num_layers": int, "hidden_size": int, "fitted": bool,
                "n_edits": int, "fit_questions": list[str], "model_class": str, "sha256": str}
 # names before tensors were named by their module (spaces.3.x, memory.3.x, negatives.3, ...) -> layers.3.…
-_OLD = re.compile(r"^(spaces|memory|neurons)\.(\d+)\.(.+)$|^(negatives|answer_negatives|prompt_negatives|edited)\.(\d+)$")
+_OLD = re.compile(r"^(spaces|memory|neurons)\.(\d+)\.(.+)$"
+                  r"|^(negatives|answer_negatives|prompt_negatives|edited)\.(\d+)$")
 _INDEX = ("basis", "coords", "residual")      # the memory's index, now a module of its own
 
 

@@ -15,7 +15,7 @@ class Reachable:
 
     @torch.no_grad()
     def reachable(self, x: Float[Tensor, "... d"],
-                  gate: Bool[Tensor, "... E"] | None = None) -> Int[Tensor, "e"] | None:
+                  gate: Bool[Tensor, "... E"] | None = None) -> Int[Tensor, " e"] | None:
         """The committed edits with a neuron that may fire somewhere in x (and, given `gate`, that are let
         through somewhere); None when that is all of them (or the activation is not ReLU). By
         Cauchy–Schwarz every neuron j of edit e has
@@ -36,7 +36,7 @@ class Reachable:
         edits = live.nonzero().squeeze(1)
         return None if len(edits) == self.edits else edits
 
-    def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, "E"], Float[Tensor, "E"]]:
+    def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, " E"], Float[Tensor, " E"]]:
         """(c_e, ρ_e, max_j b_j) of every committed edit, kept until the keys or biases change."""
         def bound():
             per_edit = rearrange(self.keys.float(), "d (e n) -> d e n", n=self.n)
@@ -45,8 +45,8 @@ class Reachable:
             return centre, radius, reduce(self.bias.float(), "(e n) -> e", "max", n=self.n)
         return self._kept("_bound_cache", (self.keys, self.bias), bound)
 
-    def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, "N"], values: Float[Tensor, "N d"],
-                  edits: Int[Tensor, "e"]) -> tuple[Int[Tensor, "e*n"], Tensor, Tensor, Tensor]:
+    def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, " N"], values: Float[Tensor, "N d"],
+                  edits: Int[Tensor, " e"]) -> tuple[Int[Tensor, " cols"], Tensor, Tensor, Tensor]:
         """(columns, K, b, V) of the given edits' neurons, kept while the edits and the tensors stay the same:
         between the steps of one edit the reachable set often does, and the copies are then made once."""
         def gather():
@@ -63,6 +63,6 @@ class Reachable:
             cached = self.__dict__[name] = (tensors, version, edits, make())
         return cached[3]
 
-    def columns(self, edits: Int[Tensor, "e"]) -> Int[Tensor, "e*n"]:
+    def columns(self, edits: Int[Tensor, " e"]) -> Int[Tensor, " cols"]:
         """The neuron columns of the given edits (each edit owns n consecutive ones)."""
         return (edits[:, None] * self.n + torch.arange(self.n, device=edits.device)).flatten()

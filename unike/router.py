@@ -54,7 +54,7 @@ class EditRouter(nn.Module):
         return F.normalize(image.float() - self.image_mean.to(image.device), dim=-1)
 
     @torch.no_grad()
-    def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, "d"] | None, everywhere: bool = False) -> None:
+    def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, everywhere: bool = False) -> None:
         """Enter one edit: its states at the target positions and its image code (None: no image);
         `everywhere`: let it act at every position (the speed bench's synthetic edits)."""
         targets = targets.to(self.keys.device).float()
@@ -75,7 +75,7 @@ class EditRouter(nn.Module):
         self.images, self.has_image, self.open = self.images[:edits], self.has_image[:edits], self.open[:edits]
 
     def forward(self, x: Float[Tensor, "b t d"], image: Float[Tensor, "b d"] | None,
-                has: Bool[Tensor, "b"] | None = None) -> Bool[Tensor, "b t e"]:
+                has: Bool[Tensor, " b"] | None = None) -> Bool[Tensor, "b t e"]:
         """g_e(t) for every committed edit; `image`: the prompts' mean image-token states, `has`: which
         prompts show an image (None: unknown, e.g. a model fed embeddings; the image test is then skipped)."""
         z = self.standardize(x) @ self.keys.to(x.device).T                      # [b, t, keys]
@@ -90,13 +90,14 @@ class EditRouter(nn.Module):
         return f"edits={self.edits}, tau_question={self.tau_question}, tau_image={self.tau_image}"
 
 
-def image_codes(x: Float[Tensor, "b t d"], mask: Bool[Tensor, "b t"]) -> tuple[Float[Tensor, "b d"], Bool[Tensor, "b"]]:
+def image_codes(x: Float[Tensor, "b t d"],
+                mask: Bool[Tensor, "b t"]) -> tuple[Float[Tensor, "b d"], Bool[Tensor, " b"]]:
     """Mean state over each row's image tokens, and which rows have any (rows without: zeros)."""
     m = mask.to(x.device, x.dtype)[..., None]
     return (x * m).sum(1).float() / m.sum(1).clamp_min(1).float(), mask.any(1).to(x.device)
 
 
-def _at(x: Float[Tensor, "... d"], centre: Float[Tensor, "d"]) -> bool:
+def _at(x: Float[Tensor, "... d"], centre: Float[Tensor, " d"]) -> bool:
     """Whether some row of x is the centre itself (as when every fit prompt was the edit's own): its
     direction from the centre means nothing, so that test is not made for the edit."""
     return bool(((x - centre).norm(dim=-1) <= 1e-4 * x.norm(dim=-1).clamp_min(1e-12)).any())

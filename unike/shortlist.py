@@ -46,7 +46,7 @@ class Index(nn.Module):
             self.basis = torch.svd_lowrank(fitted, q=min(r + 8, *fitted.shape), niter=2)[2][:, :r].T.contiguous()
         self.coords, self.residual = self.project(fitted)
 
-    def project(self, keys: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n r"], Float[Tensor, "n"]]:
+    def project(self, keys: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n r"], Float[Tensor, " n"]]:
         """Unit keys' coordinates in the index and the norm of what lies outside it."""
         coords = keys @ self.basis.T
         return coords, (keys - coords @ self.basis).norm(dim=1)
@@ -64,7 +64,7 @@ class Index(nn.Module):
 
     @torch.no_grad()
     def relevant(self, q: Float[Tensor, "m d"], keys: Float[Tensor, "N d"], n_fit: int,
-                 gate: Tensor) -> Bool[Tensor, "m"]:
+                 gate: Tensor) -> Bool[Tensor, " m"]:
         """Whether each query's best match reaches the gate. Its fitted matches are at most
         |q_r|·max_i |k_r,i|; where that is below the gate they are not computed, only the edits' cosines (on
         the mid-size bench config that spares about 85% of the tokens the index scan)."""

@@ -34,7 +34,7 @@ class Standardizer(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, states: Float[Tensor, "n d"]) -> "Standardizer":
+    def fit(self, states: Float[Tensor, "n d"]) -> Standardizer:
         self.mean.copy_(states.mean(0))
         self.std.copy_(states.std(0).clamp_min(1e-5))
         return self
@@ -109,7 +109,7 @@ class Spaces(nn.Module):
         gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
         self.decoder.copy_(torch.linalg.solve(gram, z.T @ s))
 
-    def zeta_prime(self) -> Float[Tensor, "d"]:
+    def zeta_prime(self) -> Float[Tensor, " d"]:
         """ζ′ = Dec(ζ) in the hidden space's own units (the standardisation's σ put back)."""
         return (self.zeta @ self.decoder) * self.standardize.std
 
@@ -145,7 +145,7 @@ def train_spaces(spaces: list[Spaces], states: list[dict[str, Tensor]], *, steps
 
 @torch.no_grad()
 def zeta_variant(space: Spaces, kind: str, h_pos: Float[Tensor, "n d"], h_neg: Float[Tensor, "n d"],
-                 gen: torch.Generator) -> Float[Tensor, "d"]:
+                 gen: torch.Generator) -> Float[Tensor, " d"]:
     """ζ′ of new edits, a hidden-space direction fixed at fit time (Fig. 4c): "truthful" Dec(ζ), "semantic"
     the semantic space's right − wrong mean, "random" a random direction of the truthful norm, "none" empty."""
     if kind == "none":

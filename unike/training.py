@@ -34,7 +34,7 @@ def frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
-def init_keys(q: Float[Tensor, "n d"], neg: Float[Tensor, "m d"], mu: Float[Tensor, "d"], ridge: float | None,
+def init_keys(q: Float[Tensor, "n d"], neg: Float[Tensor, "m d"], mu: Float[Tensor, " d"], ridge: float | None,
               margin: float) -> Float[Tensor, "d n"]:
     """Keys along the discriminant direction Σ⁻¹(q − μ) of each neuron's input against the negatives
     (covariance Σ + ridge·mean(diag Σ)·I; None or a single negative: along q − μ), scaled so the
@@ -50,7 +50,7 @@ def init_keys(q: Float[Tensor, "n d"], neg: Float[Tensor, "m d"], mu: Float[Tens
 
 
 def unrelated(q_pos: dict[int, Float[Tensor, "p d"]], pools: dict[int, Float[Tensor, "m d"]],
-              exclude_cos: float) -> Bool[Tensor, "m"]:
+              exclude_cos: float) -> Bool[Tensor, " m"]:
     """Which negatives are unrelated to the edit. A negative is the *same knowledge* as the edit (another
     rendering or wording of the edited fact, which the edit should reach) when its FFN input agrees with the
     edit's at every edited layer: the mean over layers of the best cosine to the edit's positions

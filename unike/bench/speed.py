@@ -23,8 +23,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..data.case import load_image
 from ..config import UniKEConfig
+from ..data.case import load_image
 from ..editor import UniKE
 from ..locate import locate
 from ..prompting import collate, encode, on_model, pad_id_of
