@@ -2,7 +2,6 @@
 test): Eq. 4 and 5 (the contrastive losses), Eq. 7 (the latent memory's feature shift), Eq. 3/6 (the added
 neurons with ζ′) and the initial keys of an edit's neurons."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,21 +188,6 @@ def _check_init_keys(init_keys):
 
 
 def test_init_keys_by_hand():
-    try:
-        from unike.training import init_keys
-    except ImportError:
-        pytest.xfail("unike.training lands with the refactor")
-    _check_init_keys(init_keys)
+    from unike.training import init_keys
 
-
-def test_editor_init_keys_by_hand():
-    """The same numbers through today's `UniKE._init_keys` (the editor's key_ridge and margin_pos)."""
-    from unike.editor import UniKE
-
-    if not hasattr(UniKE, "_init_keys"):
-        pytest.skip("the keys' initialisation moved to unike.training.init_keys")
-
-    def init_keys(q, neg, mu, ridge, margin):
-        cfg = SimpleNamespace(key_ridge=ridge, margin_pos=margin)
-        return UniKE._init_keys(SimpleNamespace(config=cfg), q, neg, mu)
     _check_init_keys(init_keys)
