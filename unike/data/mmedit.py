@@ -118,3 +118,29 @@ def load_mmedit(json_path, image_root=None, rephrase_root=None, task: str | None
         warnings.warn(f"{path}: skipped {sum(skipped.values())} of {len(records)} records: {reasons} (EasyEdit's "
                       f"dataset classes drop incomplete records too){hint}", stacklevel=2)
     return cases
+
+
+def write_mmedit(cases: list[EditCase], directory, prefix: str, name: str) -> Path:
+    """Write `cases` as an MMEdit (E-VQA / E-IC) JSON file `directory/name` plus PNGs under
+    `directory/images/` (named `prefix_k_field.png`, paths relative to `directory`); return the JSON path.
+    The extra keys `ci`, `ci_ans`, `ri_image`, `ri_ans`, `port`, `port_ans` carry SynthWorld's other probes."""
+    root = Path(directory)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for k, c in enumerate(cases):
+        paths = {}
+        for field in ("image", "rephrase_image", "mloc_image", "ri_image"):
+            rel = f"images/{prefix}_{k:05d}_{field}.png"
+            getattr(c, field).save(root / rel)
+            paths[field] = rel
+        records.append({
+            "src": c.prompt, "pred": c.ground_truth, "alt": c.target, "rephrase": c.rephrase_prompt,
+            "image": paths["image"], "image_rephrase": paths["rephrase_image"],
+            "loc": c.loc_prompt, "loc_ans": c.loc_answer,
+            "m_loc": paths["mloc_image"], "m_loc_q": c.mloc_prompt, "m_loc_a": c.mloc_answer,
+            "ci": c.ci_prompt, "ci_ans": c.ci_answer, "ri_image": paths["ri_image"], "ri_ans": c.ri_answer,
+            "port": c.port_prompt, "port_ans": c.port_answer,
+        })
+    path = root / name
+    path.write_text(json.dumps(records, indent=1))
+    return path

@@ -13,7 +13,6 @@ fact; two-hop questions for portability; edit-case lists that can be edited as o
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from .case import EditCase, Triplet
+from .mmedit import write_mmedit
 from .render import COLOURS, draw_creature
 from .tables import (
     ATTRIBUTES,
@@ -393,23 +393,4 @@ class SynthWorld:
         `ci`, `ci_ans`, `ri_image`, `ri_ans` carry the harder locality probes and `port`, `port_ans` the
         two-hop probe (empty where a case has none; real MMEdit files lack them).
         """
-        root = Path(directory)
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        records = []
-        for k, c in enumerate(self.edit_cases(task, n, seed)):
-            paths = {}
-            for field in ("image", "rephrase_image", "mloc_image", "ri_image"):
-                rel = f"images/{task}_{seed}_{k:05d}_{field}.png"
-                getattr(c, field).save(root / rel)
-                paths[field] = rel
-            records.append({
-                "src": c.prompt, "pred": c.ground_truth, "alt": c.target, "rephrase": c.rephrase_prompt,
-                "image": paths["image"], "image_rephrase": paths["rephrase_image"],
-                "loc": c.loc_prompt, "loc_ans": c.loc_answer,
-                "m_loc": paths["mloc_image"], "m_loc_q": c.mloc_prompt, "m_loc_a": c.mloc_answer,
-                "ci": c.ci_prompt, "ci_ans": c.ci_answer, "ri_image": paths["ri_image"], "ri_ans": c.ri_answer,
-                "port": c.port_prompt, "port_ans": c.port_answer,
-            })
-        path = root / f"{task}_eval.json"
-        path.write_text(json.dumps(records, indent=1))
-        return path
+        return write_mmedit(self.edit_cases(task, n, seed), directory, f"{task}_{seed}", f"{task}_eval.json")
