@@ -1,6 +1,6 @@
 """UniKEConfig: every choice of the method, checked when it is made (docs/method.md says which come from
-the paper and which are ours)."""
-from __future__ import annotations
+the paper and which are ours). Annotations are evaluated (no `from __future__ import annotations`), so
+each field's `type` is the type its value is checked against."""
 
 import typing
 import warnings
@@ -74,11 +74,11 @@ class UniKEConfig:
     seed: int = 0
 
     def __post_init__(self):
-        hints = typing.get_type_hints(UniKEConfig)
         for f in fields(self):
             value = getattr(self, f.name)
-            if not conforms(value, hints[f.name]):
-                raise TypeError(f"UniKEConfig.{f.name} = {value!r} ({type(value).__name__}) must be {f.type}")
+            if not conforms(value, f.type):
+                want = f.type.__name__ if isinstance(f.type, type) else f.type
+                raise TypeError(f"UniKEConfig.{f.name} = {value!r} ({type(value).__name__}) must be {want}")
         for names, ok, rule in ((_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"), (_POSITIVE, lambda v: v > 0, "> 0"),
                                 (_NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
             bad = [f"{n}={getattr(self, n)}" for n in names if not ok(getattr(self, n))]
