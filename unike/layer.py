@@ -25,8 +25,6 @@ from .prompting import device_of
 from .router import EditRouter
 from .spaces import Spaces, zeta_variant
 
-POOLS = ("negatives", "answer_negatives", "prompt_negatives", "edited")   # FFN inputs the neurons train against
-
 
 @dataclass
 class Switch:
@@ -68,8 +66,10 @@ class EditedLayer(nn.Module):
         self.memory = LatentMemory(dim, self.spaces, config.top_k, config.temperature, config.alpha,
                                    config.index_rank)
         self.neurons = NeuronPatch(dim, config.n_neurons, config.neuron_act, config.beta)
-        for pool in POOLS:
-            self.register_buffer(pool, torch.zeros(0, dim))
+        self.register_buffer("negatives", torch.zeros(0, dim))          # fit questions' FFN inputs
+        self.register_buffer("answer_negatives", torch.zeros(0, dim))   # ... inside fit answers
+        self.register_buffer("prompt_negatives", torch.zeros(0, dim))   # ... at fit prompts' image tokens
+        self.register_buffer("edited", torch.zeros(0, dim))             # earlier edits' target positions
         self.x: Tensor | None = None        # the block's input in the current forward
         self.q: Tensor | None = None        # the FFN's input
 
