@@ -167,7 +167,7 @@ class Checker:
         cfg, n = ed.config, ed.n_edits
         self.check(n == n_edits, f"n_edits {n} != {n_edits}")
         self.check(ed.fitted == (n_fit > 0), "fitted flag")
-        self.check(len(ed.hooks) == 4 * len(ed.layer_ids) + 1, "four hooks per edited layer, one on the model")
+        self.check(len(ed.hooks) == 4 * len(ed.layer_ids) + 2, "four hooks per edited layer, the gate's, the model's")
         for l in ed.layer_ids:
             mem, patch = ed.memory[l], ed.neurons[l]
             self.check(int(mem.n_fit) == n_fit, f"layer {l}: n_fit")

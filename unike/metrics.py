@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.case import EditCase, load_image, missing_images
-from .method import EditMethod
 from .prompting import collate, encode, on_model, pad_id_of, tokenizer_of
 
 PROTOCOLS = ("token_acc", "exact", "easyedit")
@@ -173,10 +172,13 @@ def _score(protocol, model, processor, items, base, batch_size) -> list[float]:
     return [agreement(pred, b if p.metric in LOC_METRICS else g) for p, pred, g, b in zip(items, preds, gold, base)]
 
 
-def evaluate(method: EditMethod, cases: Iterable[EditCase], protocol: str = "token_acc", *, mode: str = "one-step",
+def evaluate(method, cases: Iterable[EditCase], protocol: str = "token_acc", *, mode: str = "one-step",
              k: int = 1, score_after: str = "all", processor=None, batch_size: int = 16,
              progress: bool = True) -> dict[str, float]:
     """Mean scores in % for rel, t_gen, m_gen, t_loc, m_loc (and ci_loc, ri_loc, port when cases carry them).
+
+    ``method``: an editor (`unike.method.EditMethod`: UniKE or a baseline), or a bare model for the
+    unedited row (its edits are no-ops).
 
     ``mode="one-step"``: reset, edit one case, score its probes. ``mode="sequential"``: in chunks of
     ``k`` cases, reset, edit the k in order; ``score_after="all"`` scores every probe of the k cases

@@ -145,7 +145,7 @@ def train_spaces(spaces: list[Spaces], states: list[dict[str, Tensor]], *, steps
 
 @torch.no_grad()
 def zeta_variant(space: Spaces, kind: str, h_pos: Float[Tensor, "n d"], h_neg: Float[Tensor, "n d"],
-                 gen: torch.Generator) -> Float[Tensor, " d"]:
+                 gen: torch.Generator) -> Float[Tensor, " d_or_0"]:
     """ζ′ of new edits, a hidden-space direction fixed at fit time (Fig. 4c): "truthful" Dec(ζ), "semantic"
     the semantic space's right − wrong mean, "random" a random direction of the truthful norm, "none" empty."""
     if kind == "none":

@@ -167,7 +167,7 @@ def added_per_edit(before: dict, after: dict) -> dict:
     parts = {"neurons": 0, "memory": 0, "edited": 0}
     nbytes = dict(parts)
     for k, (n, b) in after.items():
-        part = k.split(".")[0]
+        part = k.split(".")[2] if k.startswith("layers.") else k      # layers.<l>.<part>.…
         if part in parts:
             parts[part] += n - before.get(k, (0, 0))[0]
             nbytes[part] += b - before.get(k, (0, 0))[1]
