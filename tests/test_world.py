@@ -264,9 +264,13 @@ def probe_reads(world, c) -> dict[str, set]:
     return reads
 
 
+LONG = pytest.mark.slow       # the longest lists: about 20 s each
+
+
 @pytest.mark.parametrize("task,n,seed", [("vqa", 10, 0), ("vqa", 10, 1), ("vqa", 100, 2), ("vqa", 100, 3),
-                                         ("vqa", 1000, 4), ("vqa", 1000, 5), ("caption", 10, 0), ("caption", 100, 1),
-                                         ("caption", "max", 2)])
+                                         pytest.param("vqa", 1000, 4, marks=LONG),
+                                         pytest.param("vqa", 1000, 5, marks=LONG), ("caption", 10, 0),
+                                         ("caption", 100, 1), pytest.param("caption", "max", 2, marks=LONG)])
 def test_v2_lists_are_sequence_safe(world2, task, n, seed):
     n = world2.max_cases(task) if n == "max" else n
     cases = world2.edit_cases(task, n, seed=seed)
