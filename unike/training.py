@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,24 @@ from .roles import target_positions
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module):
-    """Turn off gradients of the model's own parameters (not unike's) for a while, then restore the flags."""
-    flags = [(p, p.requires_grad) for n, p in model.named_parameters() if "unike_" not in n]
+def only_trainable(model: nn.Module, params: Iterable[nn.Parameter]):
+    """Gradients on `params` alone for a while; every parameter's flag and gradient restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     try:
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+            p.grad = None
+
+
+def answer_logits(model: nn.Module, inputs: dict, labels: Tensor) -> Tensor:
+    """Float32 logits at the positions that predict `labels[:, 1:]` (the model may prepend positions)."""
+    return model(**inputs).logits[:, -labels.shape[1]:][:, :-1].float()
 
 
 def init_keys(q: Float[Tensor, "n d"], neg: Float[Tensor, "m d"], mu: Float[Tensor, " d"], ridge: float | None,
@@ -118,9 +127,9 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     opt = torch.optim.Adam(groups)
     batch = {k: v for k, v in inputs.items() if k != "labels"}
     tgt = labels[:, 1:]
-    with frozen(model), torch.enable_grad():
+    with only_trainable(model, [p for g in groups for p in g["params"]]), torch.enable_grad():
         for step in tqdm(range(cfg.edit_steps + 1), desc="edit", disable=not progress):
-            logits = model(**batch).logits[:, -labels.shape[1]:][:, :-1].float()
+            logits = answer_logits(model, batch, labels)
             ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE)
             probs = logits.softmax(-1)[tgt != IGNORE].gather(-1, tgt[tgt != IGNORE][:, None])
             reached = bool((probs > cfg.stop_prob).all())          # every target token generated

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -12,27 +11,7 @@ from tqdm.auto import tqdm
 from ..inputs import edit_inputs
 from ..locate import locate
 from ..prompting import IGNORE
-
-
-@contextlib.contextmanager
-def only_trainable(model: nn.Module, params: Iterable[nn.Parameter]):
-    """Gradients on `params` alone for a while; every parameter's flag and gradient restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-            p.grad = None
-
-
-def answer_logits(model: nn.Module, inputs: dict, labels: Tensor) -> Tensor:
-    """Float32 logits at the positions that predict `labels[:, 1:]` (the model may prepend positions)."""
-    return model(**inputs).logits[:, -labels.shape[1]:][:, :-1].float()
+from ..training import answer_logits, only_trainable
 
 
 class FTLast:

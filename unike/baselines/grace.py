@@ -28,7 +28,7 @@ from ..hooks import Hooks
 from ..inputs import edit_inputs
 from ..locate import locate
 from ..prompting import IGNORE
-from .ft_last import answer_logits, only_trainable
+from ..training import answer_logits, only_trainable
 
 
 def _down_projection(mlp: nn.Module) -> nn.Module:
