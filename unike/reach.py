@@ -10,6 +10,17 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 
+def kept(owner, name: str, tensors: tuple[Tensor, ...], make, edits: Tensor | None = None):
+    """make(), kept in `owner.<name>` until one of `tensors` is replaced or changed in place (its
+    `_version`), or `edits` differ: what the exact speed-ups derive from tensors that rarely change."""
+    version = tuple(t._version for t in tensors)
+    cached = owner.__dict__.get(name)
+    if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
+            or (edits is not None and not torch.equal(cached[2], edits))):
+        cached = owner.__dict__[name] = (tensors, version, edits, make())
+    return cached[3]
+
+
 class Reachable:
     """Mixed into `NeuronPatch` (keys [d, E·n], bias [E·n], values [E·n, d], n neurons per edit)."""
 
@@ -43,7 +54,7 @@ class Reachable:
             centre = per_edit.mean(2)
             radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
             return centre, radius, reduce(self.bias.float(), "(e n) -> e", "max", n=self.n)
-        return self._kept("_bound_cache", (self.keys, self.bias), bound)
+        return kept(self, "_bound_cache", (self.keys, self.bias), bound)
 
     def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, " N"], values: Float[Tensor, "N d"],
                   edits: Int[Tensor, " e"]) -> tuple[Int[Tensor, " cols"], Tensor, Tensor, Tensor]:
@@ -52,16 +63,7 @@ class Reachable:
         def gather():
             cols = self.columns(edits)
             return cols, keys[:, cols], bias[cols], values[cols]
-        return self._kept("_gather_cache", (keys, bias, values), gather, edits)
-
-    def _kept(self, name: str, tensors: tuple[Tensor, ...], make, edits: Tensor | None = None):
-        """make(), kept in `self.<name>` until one of `tensors` is replaced or changed in place, or `edits` differ."""
-        version = tuple(t._version for t in tensors)
-        cached = self.__dict__.get(name)
-        if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
-                or (edits is not None and not torch.equal(cached[2], edits))):
-            cached = self.__dict__[name] = (tensors, version, edits, make())
-        return cached[3]
+        return kept(self, "_gather_cache", (keys, bias, values), gather, edits)
 
     def columns(self, edits: Int[Tensor, " e"]) -> Int[Tensor, " cols"]:
         """The neuron columns of the given edits (each edit owns n consecutive ones)."""

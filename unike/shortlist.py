@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from .reach import kept
+
 SLACK = 1e-4   # float rounding in the bounds (cosines of unit vectors, computed in fp32)
 
 
@@ -69,7 +71,9 @@ class Index(nn.Module):
         |q_r|·max_i |k_r,i|; where that is below the gate they are not computed, only the edits' cosines (on
         the mid-size bench config that spares about 85% of the tokens the index scan)."""
         best = q.new_full(q.shape[:1], float("-inf"))
-        reach = self.coords.norm(dim=1).max() if self.coords.numel() else self.coords.new_zeros(())
+        coords = self.coords              # max_i |k_r,i| (0 without fitted entries), kept until the index changes
+        reach = kept(self, "_reach_cache", (coords,),
+                     lambda: coords.norm(dim=1).max() if coords.numel() else coords.new_zeros(()))
         scan = (q @ self.basis.T).norm(dim=1) * reach + SLACK >= gate
         if scan.any():
             best[scan] = self.matches(q[scan], 1, keys, n_fit)[:, 0]
