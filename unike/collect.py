@@ -31,7 +31,8 @@ class FitStates:
     (FFN inputs inside the answers and at their final token), other [o, d] (ordinary prompt tokens'
     pre-attention states, for the relevance gate) and q_other [p, d] (FFN inputs at every 7th image
     token, for `prompt_negatives`; empty unless the collecting editor's config sets it).
-    img [i, d]: the mean state over the image tokens of each prompt that has them (for the router).
+    img [i, d]: the mean state over the image tokens of each prompt that has them (for the router; at the
+    first edited layer only, empty at the others).
     `questions`: the image questions (for image negatives).
     """
 
@@ -66,7 +67,7 @@ class BatchStates:
     h_sem: Float[Tensor, "b d"]      # x at the question's last token
     h_pos: Float[Tensor, "b d"]      # x at the answer's final token
     x_rms: Float[Tensor, ""]         # root mean square of x over the real tokens
-    img: Float[Tensor, "i d"]        # mean x over the image tokens of each row that has them
+    img: Float[Tensor, "i d"]        # mean x over the image tokens of each row that has them (first layer)
 
 
 def tokens(h: Tensor, inputs: dict[str, Tensor]) -> Tensor:
@@ -106,8 +107,10 @@ class Collector:
         out = {}
         for l, layer in self.layers.items():
             x = tokens(layer.x, inputs).float()
-            aligned = images.shape == x.shape[:2]       # else the model does not run input_ids' tokens as they are
-            img = image_codes(x, images)[0][images.any(1)] if aligned else x[:0, 0]    # rows with an image
+            # the router reads image codes at the first edited layer only; a model that does not run input_ids'
+            # tokens as they are has none
+            routed = l == min(self.layers) and images.shape == x.shape[:2]
+            img = image_codes(x, images)[0][images.any(1)] if routed else x[:0, 0]    # rows with an image
             out[l] = BatchStates(x=x, q=tokens(layer.q, inputs).float(), h_sem=x[rows, sem], h_pos=x[rows, fin],
                                  x_rms=x[inputs["attention_mask"].bool()].pow(2).mean().sqrt(), img=img)
         return out
@@ -161,12 +164,11 @@ class Collector:
             inside[rows, sem] = False
             inside[rows, answer_end_index(pos["input_ids"], pos["attention_mask"], pos["labels"], eos)] = True  # and
             # its end, which predicts the end of the answer: an edit must not fire there, or answers run on
-            patches = other & image_mask(pos["input_ids"], self.image_token)   # other images' patches
             for l, st in self.states(pos).items():
                 found = {"h_sem": st.h_sem, "h_pos": st.h_pos, "v_pos": self.attn_values(l, st.h_pos, pos),
                          "q": st.q[rows, sem], "q_ans": st.q[inside], "other": st.x[other][::7], "img": st.img}
-                if prompt_negatives:
-                    found["q_other"] = st.q[patches][::7]
+                if prompt_negatives:                              # other images' patches
+                    found["q_other"] = st.q[other & image_mask(pos["input_ids"], self.image_token)][::7]
                 for k, v in found.items():
                     collected[l][k].append(v.cpu())
             for l, st in self.states(neg).items():
