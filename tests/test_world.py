@@ -273,7 +273,20 @@ LONG = pytest.mark.slow       # the longest lists: about 20 s each
                                          ("caption", 100, 1), pytest.param("caption", "max", 2, marks=LONG)])
 def test_v2_lists_are_sequence_safe(world2, task, n, seed):
     n = world2.max_cases(task) if n == "max" else n
-    cases = world2.edit_cases(task, n, seed=seed)
+    _check_sequence_safe(world2, world2.edit_cases(task, n, seed=seed), task, n)
+
+
+@pytest.mark.parametrize("task,n", [("vqa", 100), ("vqa", 200), ("caption", 99)])
+def test_v1_sequence_safe_lists(task, n):
+    """The shipped model's world gives sequence-safe lists on request (its default lists are the measured ones)."""
+    world = SynthWorld(seed=0)
+    assert world.max_cases(task, sequence_safe=True) == {"vqa": 200, "caption": 99}[task]
+    _check_sequence_safe(world, world.edit_cases(task, n, seed=1, sequence_safe=True), task, n)
+    with pytest.raises(ValueError, match=f"at most {world.max_cases(task, True)} sequence-safe"):
+        world.edit_cases(task, world.max_cases(task, True) + 1, sequence_safe=True)
+
+
+def _check_sequence_safe(world2, cases, task, n):
     assert len(cases) == n
     edits = [(c.meta["entity"], f) for c in cases for f in c.meta["edits"]]
     assert len(edits) == len(set(edits)), "two cases edit the same entity fact"

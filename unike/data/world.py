@@ -191,32 +191,37 @@ class SynthWorld:
     def _seed(self, rng: random.Random) -> int:
         return rng.randrange(EVAL_SEED, 2**31)
 
-    def max_cases(self, task: str = "vqa") -> int | None:
-        """The most cases one `edit_cases(task, n)` list can hold. Version 2: two per entity for VQA (at most
-        half the entities per fact, one fact per entity left for CI-Loc), every entity but one for captions
-        (one left for RI-Loc); None in version 1, whose lists repeat (entity, fact) pairs past the pool's end."""
+    def max_cases(self, task: str = "vqa", sequence_safe: bool | None = None) -> int | None:
+        """The most cases one sequence-safe `edit_cases(task, n)` list can hold: two per entity for VQA (at
+        most half the entities per fact, one fact per entity left for CI-Loc), every entity but one for
+        captions (one left for RI-Loc); None for the version-1 lists, which repeat (entity, fact) pairs
+        past the pool's end. `sequence_safe`: as in `edit_cases`."""
         if task not in ("vqa", "caption"):
             raise ValueError(f"task must be 'vqa' or 'caption', got {task!r}")
-        if self.version == 1:
+        if not (self.version >= 2 if sequence_safe is None else sequence_safe):
             return None
         n = len(self.entities)
         return n * (len(FACTS) - 1) // 2 if task == "vqa" else n - 1
 
-    def edit_cases(self, task: str = "vqa", n: int = 100, seed: int = 0) -> list[EditCase]:
+    def edit_cases(self, task: str = "vqa", n: int = 100, seed: int = 0,
+                   sequence_safe: bool | None = None) -> list[EditCase]:
         """`n` held-out edit cases with every probe filled; task "vqa" (a fact) or "caption".
 
-        Version 2: the list can be edited as one sequence (no two cases edit the same entity fact, and no
-        probe asks about a fact another case edits; a caption edit renames its entity and changes its kind),
-        and a country or habitat edit carries a two-hop probe. Version 1: the lists the shipped tiny model
-        was measured on; pairs repeat past the pool's end and probes may touch other cases' facts.
+        Sequence-safe lists (version 2's default; `sequence_safe=True` in version 1 too) can be edited as
+        one sequence: no two cases edit the same entity fact, and no probe asks about a fact another case
+        edits (a caption edit renames its entity and changes its kind); in version 2 a country or habitat
+        edit carries a two-hop probe. Version 1's default lists are the ones the shipped tiny model was
+        measured on: pairs repeat past the pool's end and probes may touch other cases' facts, so a long
+        sequence scores some probes against a fact that another edit of it changed.
         """
-        limit = self.max_cases(task)
+        sequence_safe = self.version >= 2 if sequence_safe is None else sequence_safe
+        limit = self.max_cases(task, sequence_safe)
         if limit is not None and not 0 <= n <= limit:
             raise ValueError(f"n = {n}, but this world holds at most {limit} sequence-safe {task} cases; ask for "
                              f"fewer or build a bigger world (SynthWorld(version=2, n_entities=...), at most "
                              f"{len(SHAPES) * len(self.colours) * len(PATTERNS)} entities)")
         rng = random.Random(f"edit-{task}-{self.seed}-{seed}")
-        return self._cases_v1(rng, task, n) if self.version == 1 else self._safe_cases(rng, task, n)
+        return self._safe_cases(rng, task, n) if sequence_safe else self._cases_v1(rng, task, n)
 
     def _case(self, rng: random.Random, e: Entity, ri: Entity, mloc: Entity, meta: dict, **fields) -> EditCase:
         """Draw the four rendering seeds and build the case."""
