@@ -17,7 +17,8 @@ from unike.router import EditRouter, image_codes
 def test_gate_by_hand():
     r = EditRouter(2, tau_question=0.9, tau_image=0.5)
     r.fit(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]),    # mean 0, std (0.82, 1.63)
-          torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))                            # image mean 0
+          torch.tensor([[1.0, 1.0], [-1.0, -1.0], [0.0, 0.0], [0.0, 0.0]]),    # image mean 0 (two with images)
+          torch.tensor([True, True, False, False]), torch.arange(4))
     r.add(torch.tensor([[1.0, 0.0]]), torch.tensor([2.0, 0.0]))               # edit 0: key (1, 0), image (1, 0)
     r.add(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), None)                      # edit 1: text only, two keys
     sd = torch.tensor([1.0, 2.0]).div(3 ** 0.5).mul(2 ** 0.5)                  # the unbiased std of the fit rows
@@ -34,6 +35,28 @@ def test_gate_by_hand():
     assert torch.equal(r(x, None, None), want)                                             # unknown: question only
     r.truncate(1)
     assert r.edits == 1 and len(r.keys) == 1 and torch.equal(r(x, None, None), want[..., :1])
+
+
+def test_an_edit_trains_against_the_negatives_its_gate_reaches():
+    """`reaches` before an edit is committed is exactly the gate the edit gets once it is: its neurons then
+    train against the fit negatives, earlier edits' targets and own prompt positions it can meet."""
+    gen = torch.Generator().manual_seed(0)
+    questions, images = torch.randn(64, 8, generator=gen), torch.randn(64, 8, generator=gen)
+    has, picks = torch.rand(64, generator=gen) > 0.3, torch.randperm(64, generator=gen)[:40]
+    r = EditRouter(8, tau_question=0.2, tau_image=0.1)
+    r.fit(questions, images, has, picks)
+    r.add(questions[:2] + 0.1, images[0])                             # an earlier edit
+    targets = questions[picks[:3]] + 0.3 * torch.randn(3, 8, generator=gen)
+    image, prompt = images[picks[0]], questions[5:9]
+    scope = r.negative_scope(targets, image, 40, prompt, extra=2)
+    r.add(targets, image)
+    fit = r(questions[picks][:, None], images[picks], has[picks])[:, 0, -1]
+    same_image = r.image_code(images[0]) @ r.images[-1] >= 0.1
+    earlier = r(r.keys[:2, None] * r.std + r.mean, None, None)[:, 0, -1] & same_image
+    own = r(prompt[None], images[picks[0]][None], torch.tensor([True]))[0, :, -1]
+    assert torch.equal(scope, torch.cat([fit, earlier, own, torch.ones(2, dtype=torch.bool)]))
+    assert 0 < int(fit.sum()) < len(fit), "the case must mix reached and unreached negatives"
+    assert torch.equal(r.negative_scope(targets, image, 39, prompt, 0)[:39], torch.ones(39, dtype=torch.bool))
 
 
 def test_image_codes_mean_over_image_tokens():
@@ -95,15 +118,51 @@ def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
     editor.config = unike.UniKEConfig()                   # as an editor of a version before routing saved it
     editor.save(tmp_path / "s")
     editor.detach()
-    saved = load_file(str(tmp_path / "s" / "unike.safetensors"))
-    state = {k: v for k, v in saved.items() if not k.startswith("router.")}
-    save_file(state, str(tmp_path / "s" / "unike.safetensors"))
-    meta = json.loads((tmp_path / "s" / "unike.json").read_text())
-    meta["sha256"] = hashlib.sha256((tmp_path / "s" / "unike.safetensors").read_bytes()).hexdigest()
-    meta["config"].pop("route"), meta["config"].pop("route_question"), meta["config"].pop("route_image")
-    (tmp_path / "s" / "unike.json").write_text(json.dumps(meta))
+    _as_older(tmp_path / "s", "router.", ("route", "route_question", "route_image", "scoped_negatives"))
     with pytest.warns(UserWarning, match="before edits were routed"):
         old = unike.UniKE.load(model, processor, tmp_path / "s")
     assert old.config.route is False and old.n_edits == 1 and old.scope.route(torch.zeros(1, 1, 1)) is None
     assert unike.answer(model, processor, case.image, case.prompt) == case.target
     old.detach()
+
+
+def _as_older(folder, prefix: str, fields=()) -> None:
+    """Rewrite a saved editor as an older version wrote it: without the tensors named `prefix...` and
+    without the config `fields`."""
+    saved = load_file(str(folder / "unike.safetensors"))
+    save_file({k: v for k, v in saved.items() if not k.startswith(prefix)}, str(folder / "unike.safetensors"))
+    meta = json.loads((folder / "unike.json").read_text())
+    meta["sha256"] = hashlib.sha256((folder / "unike.safetensors").read_bytes()).hexdigest()
+    for name in fields:
+        meta["config"].pop(name)
+    (folder / "unike.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.slow
+def test_router_saved_without_negative_features_loads(tmp_path):
+    """A router saved before it kept its fit negatives' features loads; new edits then train against every
+    fit negative (counted as reached), as before."""
+    model, processor = unike.load_tiny()
+    world = unike.SynthWorld(seed=0)
+    cases = world.edit_cases("vqa", n=2, seed=22)
+    editor = unike.UniKE(model, processor, unike.UniKEConfig(scoped_negatives=True))
+    editor.fit(world.triplets(n=32, seed=3), progress=False)
+    assert len(editor.router.negatives) == len(editor.layers[editor.layer_ids[0]].negatives) == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        editor.edit(cases[0])
+    editor.save(tmp_path / "s")
+    editor.detach()
+    _as_older(tmp_path / "s", "router.negative", ("scoped_negatives",))
+    old = unike.UniKE.load(model, processor, tmp_path / "s")
+    try:
+        assert len(old.router.negatives) == 0 and old.router.edits == 1
+        scope = old.router.negative_scope(torch.ones(1, old.stack.hidden_size), None, 32,
+                                          torch.zeros(0, old.stack.hidden_size), 0)
+        assert scope[:32].all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            old.edit(cases[1])
+        assert unike.answer(model, processor, cases[1].image, cases[1].prompt) == cases[1].target
+    finally:
+        old.detach()

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -31,12 +31,12 @@ class FitStates:
     (FFN inputs inside the answers and at their final token), other [o, d] (ordinary prompt tokens'
     pre-attention states, for the relevance gate) and q_other [p, d] (FFN inputs at every 7th image
     token, for `prompt_negatives`; empty unless the collecting editor's config sets it).
-    img [i, d]: the mean state over the image tokens of each prompt that has them (for the router; at the
-    first edited layer only, empty at the others).
+    img [n, d], has_img [n]: the mean state over each prompt's image tokens (zeros where it has none) and
+    which prompts have them (for the router; at the first edited layer only, empty at the others).
     `questions`: the image questions (for image negatives).
     """
 
-    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other", "q_other", "img")
+    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other", "q_other", "img", "has_img")
     layers: dict[int, dict[str, Tensor]]
     questions: list[str] = field(default_factory=list)
     trained: dict = field(default_factory=dict, repr=False)   # spaces trained on these states, per setting
@@ -67,7 +67,15 @@ class BatchStates:
     h_sem: Float[Tensor, "b d"]      # x at the question's last token
     h_pos: Float[Tensor, "b d"]      # x at the answer's final token
     x_rms: Float[Tensor, ""]         # root mean square of x over the real tokens
-    img: Float[Tensor, "i d"]        # mean x over the image tokens of each row that has them (first layer)
+    # the router's (i = b at the first edited layer, else 0): each row's mean x over its image tokens (zeros
+    # where it has none) and which rows have image tokens
+    img: Float[Tensor, "i d"]
+    has_img: Bool[Tensor, " i"]
+
+    @property
+    def image(self) -> Float[Tensor, " d"] | None:
+        """The mean image state of the rows that have one (an edit's image, for the router), or None."""
+        return self.img[self.has_img].mean(0) if self.has_img.any() else None
 
 
 def tokens(h: Tensor, inputs: dict[str, Tensor]) -> Tensor:
@@ -108,11 +116,12 @@ class Collector:
         for l, layer in self.layers.items():
             x = tokens(layer.x, inputs).float()
             # the router reads image codes at the first edited layer only; a model that does not run input_ids'
-            # tokens as they are has none
-            routed = l == min(self.layers) and images.shape == x.shape[:2]
-            img = image_codes(x, images)[0][images.any(1)] if routed else x[:0, 0]    # rows with an image
+            # tokens as they are shows none
+            marked = images if images.shape == x.shape[:2] else torch.zeros_like(x[..., 0], dtype=torch.bool)
+            img, has = image_codes(x, marked) if l == min(self.layers) else (x[:0, 0], marked[:0, 0])
             out[l] = BatchStates(x=x, q=tokens(layer.q, inputs).float(), h_sem=x[rows, sem], h_pos=x[rows, fin],
-                                 x_rms=x[inputs["attention_mask"].bool()].pow(2).mean().sqrt(), img=img)
+                                 x_rms=x[inputs["attention_mask"].bool()].pow(2).mean().sqrt(), img=img,
+                                 has_img=has)
         return out
 
     @torch.no_grad()
@@ -166,7 +175,8 @@ class Collector:
             # its end, which predicts the end of the answer: an edit must not fire there, or answers run on
             for l, st in self.states(pos).items():
                 found = {"h_sem": st.h_sem, "h_pos": st.h_pos, "v_pos": self.attn_values(l, st.h_pos, pos),
-                         "q": st.q[rows, sem], "q_ans": st.q[inside], "other": st.x[other][::7], "img": st.img}
+                         "q": st.q[rows, sem], "q_ans": st.q[inside], "other": st.x[other][::7], "img": st.img,
+                         "has_img": st.has_img}
                 if prompt_negatives:                              # other images' patches
                     found["q_other"] = st.q[other & image_mask(pos["input_ids"], self.image_token)][::7]
                 for k, v in found.items():

@@ -205,10 +205,12 @@ class UniKE:
         self.losses = states.train_once(spaces, setting, lambda: train_spaces(
             spaces, stacked, steps=steps, batch_size=cfg.encoder_batch, lr=cfg.encoder_lr, tau=cfg.encoder_tau,
             seed=cfg.seed, progress=progress))
-        gen, dev = torch.Generator().manual_seed(cfg.seed), self.device
+        gen, dev, first = torch.Generator().manual_seed(cfg.seed), self.device, stacked[0]
+        # the same fit rows are negatives at every layer, so a negative's layers (and its scope) go together
+        picks = tuple(torch.randperm(len(first[k]), generator=gen)[:cfg.neg_memory_size] for k in ("q", "q_ans"))
         for layer, st in zip(self.layers.values(), stacked):
-            layer.fit(st, gen, dev)
-        self.router.to(dev).fit(stacked[0]["h_sem"], stacked[0].get("img", stacked[0]["h_sem"][:0]))
+            layer.fit(st, picks, gen, dev)
+        self.router.to(dev).fit(first["h_sem"], first["img"], first["has_img"], picks[0])
         self.fit_questions = list(states.questions)
         self.fitted = True
         self.reset()
@@ -234,9 +236,9 @@ class UniKE:
             extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
                 item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
             at = targets(inputs["labels"], eos_id_of(self.model, self.processor))
-            info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra, progress)
-            first = states[self.layer_ids[0]]
-            self.router.add(first.x[at], first.img.mean(0) if len(first.img) else None)
+            info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
+                                 self.router if cfg.route and cfg.scoped_negatives else None, progress)
+            self.router.add(states[self.layer_ids[0]].x[at], states[self.layer_ids[0]].image)
         self.n_edits += 1
         return info
 

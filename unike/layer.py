@@ -74,16 +74,17 @@ class EditedLayer(nn.Module):
         self.q: Tensor | None = None        # the FFN's input
 
     @torch.no_grad()
-    def fit(self, st: dict[str, Tensor], gen: torch.Generator, device: torch.device) -> None:
+    def fit(self, st: dict[str, Tensor], picks: tuple[Tensor, Tensor], gen: torch.Generator,
+            device: torch.device) -> None:
         """The memory, its relevance gate, the negative pools and ζ′ from this layer's fit states
-        (`FitStates.layers[l]`; spaces trained); `gen` draws the pools (and a random ζ′)."""
+        (`FitStates.layers[l]`; spaces trained). `picks`: the fit questions and the answer positions kept
+        as negatives, the same rows at every layer; `gen` draws a random ζ′."""
         cfg = self.switch.config
         self.spaces.to(device)
         self.memory.truncate(0)
         self.memory.add(st["h_sem"], st["h_pos"], st["v_pos"], fitted=True)
         self.memory.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
-        self.negatives = st["q"][torch.randperm(st["q"].shape[0], generator=gen)[:cfg.neg_memory_size]]
-        self.answer_negatives = st["q_ans"][torch.randperm(st["q_ans"].shape[0], generator=gen)[:cfg.neg_memory_size]]
+        self.negatives, self.answer_negatives = st["q"][picks[0]], st["q_ans"][picks[1]]
         # a generator of its own, so the other draws are the same with or without the option
         picks = torch.randperm(len(st["q_other"]), generator=torch.Generator().manual_seed(cfg.seed + self.index))
         self.prompt_negatives = st["q_other"][picks[:cfg.prompt_negatives]]

@@ -94,7 +94,8 @@ def restore(editor, meta: dict, state: dict[str, Tensor]) -> None:
 def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
     """What a state saved by an older version lacks or names otherwise: tensors named by module kind and
     layer (renamed), empty `prompt_negatives` pools (the option's default), an empty router (routing then
-    off, with a warning), ζ′ decoders (new edits without ζ′, with a warning) and, where the memory's index
+    off, with a warning) or one without its fit negatives' features (new edits then train against every
+    negative, as before), ζ′ decoders (new edits without ζ′, with a warning) and, where the memory's index
     has no residuals, an empty index to be rebuilt from the saved keys after loading (the layers returned)."""
     state = {_rename(k): v for k, v in state.items()}
     d, ids = editor.stack.hidden_size, editor.layer_ids
@@ -111,7 +112,8 @@ def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[i
             warnings.warn("this state was saved before edits were routed (unike.router): its edits act "
                           "ungated, as then; loading it with route=False", stacklevel=4)
             editor.config = replace(editor.config, route=False)
-        state = {**{f"router.{k}": v for k, v in EditRouter(d).state_dict().items()}, **state}
+    # a router saved before it kept its fit negatives' features: new edits train against every negative
+    state = {**{f"router.{k}": v for k, v in EditRouter(d).state_dict().items()}, **state}
     index = [f"layers.{l}.memory.index.{k}" for l in ids for k in _INDEX]
     if (any(f"layers.{l}.memory.index.residual" in state for l in ids)
             or any(f"layers.{l}.memory.n_fit" not in state for l in ids)):

@@ -35,16 +35,27 @@ class EditRouter(nn.Module):
         self.register_buffer("images", torch.zeros(0, dim))     # c_e (zeros where the edit has no image)
         self.register_buffer("has_image", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("open", torch.zeros(0, dtype=torch.bool))  # edits whose state is the fit mean
+        # the fit negatives' ẑ and image codes (the rows every edited layer keeps as negatives), so that a new
+        # edit can tell which of them its gate will reach (`UniKEConfig.scoped_negatives`)
+        self.register_buffer("negatives", torch.zeros(0, dim))
+        self.register_buffer("negative_images", torch.zeros(0, dim))
+        self.register_buffer("negative_has", torch.zeros(0, dtype=torch.bool))
 
     @property
     def edits(self) -> int:
         return len(self.has_image)
 
     @torch.no_grad()
-    def fit(self, questions: Float[Tensor, "n d"], images: Float[Tensor, "m d"]) -> None:
-        """Statistics of the fit prompts: their last-token states and their image codes (m may be 0)."""
+    def fit(self, questions: Float[Tensor, "n d"], images: Float[Tensor, "n d"], has: Bool[Tensor, " n"],
+            picks: Tensor) -> None:
+        """Statistics of the fit prompts: their last-token states, their image states (where `has`), and
+        the scope features of the rows `picks` that the edited layers keep as negatives."""
         self.mean, self.std = questions.mean(0).to(self.mean), questions.std(0).clamp_min(1e-5).to(self.std)
-        self.image_mean = images.mean(0).to(self.mean) if len(images) else self.mean.new_zeros(0)
+        self.image_mean = images[has].mean(0).to(self.mean) if has.any() else self.mean.new_zeros(0)
+        self.negatives = self.standardize(questions[picks].to(self.mean))
+        self.negative_has = has[picks].to(self.mean.device)
+        self.negative_images = (self.image_code(images[picks].to(self.mean)) * self.negative_has[:, None]
+                                if has.any() else torch.zeros_like(self.negatives))
         self.truncate(0)
 
     def standardize(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
@@ -53,19 +64,51 @@ class EditRouter(nn.Module):
     def image_code(self, image: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return F.normalize(image.float() - self.image_mean.to(image.device), dim=-1)
 
+    def entry(self, targets: Float[Tensor, "p d"],
+              image: Float[Tensor, " d"] | None) -> tuple[Float[Tensor, "p d"], Float[Tensor, " d"], bool, bool]:
+        """One edit's keys k_ej, image code c_e, whether it has an image test and whether it is open (no
+        question test: its state is the fit mean)."""
+        targets = targets.to(self.keys.device).float()
+        seen = image is not None and len(self.image_mean) > 0 and not _at(image.to(self.keys), self.image_mean)
+        code = self.image_code(image.to(self.keys.device)) if seen else self.images.new_zeros(self.images.shape[1])
+        return self.standardize(targets), code, seen, _at(targets / self.std, self.mean / self.std)
+
     @torch.no_grad()
     def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, everywhere: bool = False) -> None:
         """Enter one edit: its states at the target positions and its image code (None: no image);
         `everywhere`: let it act at every position (the speed bench's synthetic edits)."""
-        targets = targets.to(self.keys.device).float()
-        seen = image is not None and len(self.image_mean) > 0 and not _at(image.to(self.keys), self.image_mean)
-        everywhere = everywhere or _at(targets / self.std, self.mean / self.std)
-        self.open = torch.cat([self.open, self.open.new_tensor([everywhere])])
-        self.keys = torch.cat([self.keys, self.standardize(targets)])
-        self.owner = torch.cat([self.owner, self.owner.new_full((len(targets),), self.edits)])
-        code = self.image_code(image.to(self.keys.device)) if seen else self.images.new_zeros(self.images.shape[1])
+        keys, code, seen, is_open = self.entry(targets, image)
+        self.open = torch.cat([self.open, self.open.new_tensor([everywhere or is_open])])
+        self.keys = torch.cat([self.keys, keys])
+        self.owner = torch.cat([self.owner, self.owner.new_full((len(keys),), self.edits)])
         self.images = torch.cat([self.images, code[None]])
         self.has_image = torch.cat([self.has_image, self.has_image.new_tensor([seen])])
+
+    @torch.no_grad()
+    def reaches(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, z: Float[Tensor, "m d"],
+                codes: Float[Tensor, "m d"] | None = None, has: Bool[Tensor, " m"] | None = None) -> Bool[Tensor, " m"]:
+        """Where a new edit (its target states and image) would be let through: at standardised states z of
+        prompts with image codes `codes` (`has`: which have an image; None: the edit's own prompt)."""
+        keys, code, seen, is_open = self.entry(targets, image)
+        z = z.to(keys)
+        if is_open:
+            return torch.ones(len(z), dtype=torch.bool, device=z.device)
+        near = (z @ keys.T >= self.tau_question).any(-1)
+        if not seen or codes is None:
+            return near
+        return near & has.to(near.device) & (codes.to(code) @ code >= self.tau_image)
+
+    def negative_scope(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, fit: int,
+                       prompt: Float[Tensor, "r d"], extra: int) -> Bool[Tensor, " m"]:
+        """Which of a new edit's negatives its gate will reach, in `train_neurons`' order: the `fit`
+        negatives, the earlier edits' target positions, the edit's own prompt positions (raw states), and
+        `extra` ones (counted as reached). Negatives whose features this router lacks (a state saved before
+        it kept them) count as reached."""
+        fit_ok = (self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has)
+                  if len(self.negatives) == fit else torch.ones(fit, dtype=torch.bool, device=self.keys.device))
+        earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner])
+        own = self.reaches(targets, image, self.standardize(prompt.to(self.keys.device)))
+        return torch.cat([fit_ok, earlier, own, torch.ones(extra, dtype=torch.bool, device=own.device)])
 
     @torch.no_grad()
     def truncate(self, edits: int) -> None:

@@ -20,6 +20,7 @@ from .config import UniKEConfig
 from .layer import EditedLayer
 from .prompting import IGNORE
 from .roles import target_positions
+from .router import EditRouter
 
 
 @contextlib.contextmanager
@@ -89,10 +90,13 @@ def violation(z: Tensor, margin: float) -> Tensor:
 
 def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniKEConfig, inputs: dict[str, Tensor],
                   states: dict[int, BatchStates], at: Bool[Tensor, "b t"],
-                  extra: dict[int, Tensor] | None = None, progress: bool = False) -> dict[str, float]:
+                  extra: dict[int, Tensor] | None = None, router: EditRouter | None = None,
+                  progress: bool = False) -> dict[str, float]:
     """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
     Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
-    the edit's own prompt positions and `extra` (other questions over the edit's image)."""
+    the edit's own prompt positions and `extra` (other questions over the edit's image). With the `router`
+    that will gate the edit, the neurons train against (and stop on) the negatives its gate reaches only:
+    elsewhere the gate keeps them silent."""
     cfg, labels = config, inputs["labels"]
     pos_mask = target_positions(labels)                       # positions that predict target tokens
     neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
@@ -101,13 +105,18 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     pools = {l: torch.cat([ly.negatives.to(states[l].q), ly.edited.to(states[l].q), states[l].q[neg_mask]]
                           + ([extra[l].to(states[l].q)] if extra else [])) for l, ly in layers.items()}
     keep = unrelated({l: st.q[rows, cols] for l, st in states.items()}, pools, cfg.neg_exclude_cos)
+    reach = torch.ones_like(keep)
+    if router is not None:
+        l0 = min(layers)                                      # the router's layer
+        reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
+                                      states[l0].x[neg_mask], len(extra[l0]) if extra else 0).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
     negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
     for l, layer in layers.items():
         q_pos, neg = states[l].q[rows, cols], pools[l]                     # [P, d], [m, d]
         mu = neg.mean(0)
         layer.edited = torch.cat([layer.edited, q_pos.cpu()])
-        negatives[l] = neg[keep]
+        negatives[l] = neg[keep & reach]
         n_fit = len(layer.negatives)                     # fit inputs that are the same knowledge: fire there too
         positives[l] = neg[:n_fit][~keep[:n_fit]] if cfg.memory_positives else neg[:0]
         keys = init_keys(q_pos[assign], neg, mu, cfg.key_ridge, cfg.margin_pos)
