@@ -76,11 +76,13 @@ def test_same_seed_same_scores_and_append_merges(e2e):
 def test_protocol_and_score_after_through_the_cli(tmp_path):
     main(["bench", "--methods", "unike", "--task", "vqa", "--mode", "sequential", "--k", "2", "--n", "2",
           "--protocol", "easyedit", "--score-after", "all,each", "--alpha-cases", "0", "--no-plots", "--out",
-          str(tmp_path), *SMALL])
+          str(tmp_path), "--sequence-safe", *SMALL])
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert sorted((r["protocol"], r["score_after"]) for r in runs) == [("easyedit", "all"), ("easyedit", "each")]
+    assert all(r["sequence_safe"] for r in runs)
     table = (tmp_path / "results.md").read_text()
-    assert "tiny · easyedit · scored after each edit · n=2" in table and "tiny · easyedit · n=2" in table
+    assert "tiny · easyedit · scored after each edit · sequence-safe lists · n=2" in table
+    assert "tiny · easyedit · sequence-safe lists · n=2" in table
 
 
 @pytest.mark.slow
@@ -121,6 +123,8 @@ def test_bad_settings_raise_before_anything_runs():
     both = settings(["vqa"], ["one-step", "sequential"], [2], ["easyedit"], ["all", "each"])
     assert [(s["mode"], s["score_after"]) for s in both] == [("one-step", "all"), ("sequential", "all"),
                                                              ("sequential", "each")]
+    with pytest.raises(ValueError, match="--sequence-safe draws the tiny model's world lists"):
+        main(["bench", "--model", "some/vlm", "--data", "x.json", "--sequence-safe"])
     with pytest.raises(ValueError, match="unknown method 'rome'"):
         registry.expand("unike,rome")
     with pytest.raises(ValueError, match="unknown method 'alpha-1.5'"):

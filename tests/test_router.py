@@ -59,6 +59,29 @@ def test_an_edit_trains_against_the_negatives_its_gate_reaches():
     assert torch.equal(r.negative_scope(targets, image, 39, prompt, 0)[:39], torch.ones(39, dtype=torch.bool))
 
 
+def test_lookalike_radius_keeps_fit_lookalikes_out():
+    """An edit's image threshold rises just above the fit look-alikes its question test passes (other
+    knowledge, with an image); same-knowledge rows, rows its question test fails and rows without images
+    leave it at τ_img; the gate then applies each edit's own threshold."""
+    r = EditRouter(2, tau_question=0.9, tau_image=0.5)
+    questions = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, -0.1], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    images = torch.tensor([[1.0, 0.2], [1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]])
+    r.fit(questions, images, torch.tensor([True, True, True, True, False, True]), torch.arange(6))
+    code = r.image_code(images[2])                  # the edit's image: that of row 2
+    sims = r.negative_images @ code
+    apart = torch.tensor([True, True, False, True, True, True])      # row 2 is the same knowledge
+    radius = r.lookalike_radius(questions[:1], images[2], apart)   # question test passes rows 0-2
+    assert radius == pytest.approx(max(float(sims[0]), float(sims[1])) + 1e-3) and radius > 0.5
+    assert r.lookalike_radius(questions[:1], images[2], torch.tensor([False] * 6)) == 0.5
+    r.add(questions[:1], images[2], radius=radius)
+    r.add(questions[:1], images[2])                # the same edit at τ_img
+    gate = r(questions[:3, None], images[:3], torch.ones(3, dtype=torch.bool))[:, 0]
+    assert gate[:, 1].tolist() == [True, False, True]         # row 0: the look-alike (0.64 ≥ 0.5), row 1: 0.0
+    assert gate[:, 0].tolist() == [False, False, True]
+    r.truncate(1)
+    assert r.radius.tolist() == [pytest.approx(radius)]
+
+
 def test_image_codes_mean_over_image_tokens():
     x = torch.arange(12.0).reshape(2, 3, 2)
     mask = torch.tensor([[True, False, True], [False, False, False]])

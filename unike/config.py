@@ -51,6 +51,7 @@ class UniKEConfig:
                                          # (unike.router; ours); False: the paper's ungated neurons
     route_question: float = 0.85         # standardised cosine to one of the edit's target positions ≥ this
     route_image: float = 0.7             # and cosine of the prompt's image code to the edit's ≥ this
+    route_lookalikes: bool = False       # raise an edit's image threshold above the fit look-alikes its question passes
     scoped_negatives: bool = False       # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True

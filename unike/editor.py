@@ -28,7 +28,7 @@ from .prompting import device_of, eos_id_of
 from .roles import image_token_id
 from .scope import Scope
 from .spaces import train_spaces
-from .training import targets, train_neurons
+from .training import targets, train_neurons, unrelated
 
 SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
 
@@ -238,7 +238,13 @@ class UniKE:
             at = targets(inputs["labels"], eos_id_of(self.model, self.processor))
             info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
                                  self.router if cfg.route and cfg.scoped_negatives else None, progress)
-            self.router.add(states[self.layer_ids[0]].x[at], states[self.layer_ids[0]].image)
+            first, radius = states[self.layer_ids[0]], None
+            if cfg.route and cfg.route_lookalikes:
+                apart = unrelated({l: st.q[at] for l, st in states.items()},
+                                  {l: self.layers[l].negatives.to(st.q) for l, st in states.items()},
+                                  cfg.neg_exclude_cos)
+                radius = self.router.lookalike_radius(first.x[at], first.image, apart)
+            self.router.add(first.x[at], first.image, radius=radius)
         self.n_edits += 1
         return info
 

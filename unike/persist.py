@@ -112,6 +112,8 @@ def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[i
             warnings.warn("this state was saved before edits were routed (unike.router): its edits act "
                           "ungated, as then; loading it with route=False", stacklevel=4)
             editor.config = replace(editor.config, route=False)
+    if "router.radius" not in state and "router.has_image" in state:   # saved before per-edit image thresholds
+        state["router.radius"] = torch.full((len(state["router.has_image"]),), editor.config.route_image)
     # a router saved before it kept its fit negatives' features: new edits train against every negative
     state = {**{f"router.{k}": v for k, v in EditRouter(d).state_dict().items()}, **state}
     index = [f"layers.{l}.memory.index.{k}" for l in ids for k in _INDEX]
@@ -169,7 +171,7 @@ def check_state(editor, state: dict[str, Tensor], n_edits: int) -> None:
             raise ValueError(f"the saved state of layer {l} is inconsistent (memory sizes {sizes}, n_fit {n_fit}, "
                              f"neurons {neurons}, {n_edits} edits): it was altered or truncated; save it again")
     routed, owner = len(state["router.has_image"]), state["router.owner"]
-    if ({len(state[f"router.{k}"]) for k in ("images", "open")} != {routed}
+    if ({len(state[f"router.{k}"]) for k in ("images", "open", "radius")} != {routed}
             or len(owner) != len(state["router.keys"]) or (len(owner) and int(owner.max()) >= routed)
             or (cfg.intrinsic and cfg.route and routed != n_edits)):
         raise ValueError(f"the saved router is inconsistent ({routed} edits routed, {len(owner)} keys, "

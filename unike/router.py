@@ -34,6 +34,7 @@ class EditRouter(nn.Module):
         self.register_buffer("owner", torch.zeros(0, dtype=torch.long))  # the edit of each key
         self.register_buffer("images", torch.zeros(0, dim))     # c_e (zeros where the edit has no image)
         self.register_buffer("has_image", torch.zeros(0, dtype=torch.bool))
+        self.register_buffer("radius", torch.zeros(0))                  # each edit's image threshold (≥ τ_img)
         self.register_buffer("open", torch.zeros(0, dtype=torch.bool))  # edits whose state is the fit mean
         # the fit negatives' ẑ and image codes (the rows every edited layer keeps as negatives), so that a new
         # edit can tell which of them its gate will reach (`UniKEConfig.scoped_negatives`)
@@ -74,10 +75,33 @@ class EditRouter(nn.Module):
         return self.standardize(targets), code, seen, _at(targets / self.std, self.mean / self.std)
 
     @torch.no_grad()
-    def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, everywhere: bool = False) -> None:
-        """Enter one edit: its states at the target positions and its image code (None: no image);
-        `everywhere`: let it act at every position (the speed bench's synthetic edits)."""
+    def lookalike_radius(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None,
+                         apart: Bool[Tensor, " m"]) -> float:
+        """A new edit's image threshold: above the image code of every fit negative its question test passes
+        that holds other knowledge (`apart`, e.g. `training.unrelated` over the fit negatives), so that the
+        look-alikes among the fit prompts are kept out, but never above the fit prompts of the same
+        knowledge (other renderings of the edited fact); τ_img where there are no look-alikes."""
         keys, code, seen, is_open = self.entry(targets, image)
+        if not seen or is_open or len(self.negatives) != len(apart):
+            return self.tau_image
+        near = (self.negatives @ keys.T >= self.tau_question).any(-1) & self.negative_has
+        apart = apart.to(near.device)
+        sims = self.negative_images @ code
+        if not (near & apart).any():
+            return self.tau_image
+        radius = float(sims[near & apart].max()) + 1e-3
+        if (near & ~apart).any():
+            radius = min(radius, float(sims[near & ~apart].min()))
+        return max(self.tau_image, radius)
+
+    @torch.no_grad()
+    def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, everywhere: bool = False,
+            radius: float | None = None) -> None:
+        """Enter one edit: its states at the target positions and its image code (None: no image);
+        `everywhere`: let it act at every position (the speed bench's synthetic edits); `radius`: its image
+        threshold (None: τ_img)."""
+        keys, code, seen, is_open = self.entry(targets, image)
+        self.radius = torch.cat([self.radius, self.radius.new_tensor([self.tau_image if radius is None else radius])])
         self.open = torch.cat([self.open, self.open.new_tensor([everywhere or is_open])])
         self.keys = torch.cat([self.keys, keys])
         self.owner = torch.cat([self.owner, self.owner.new_full((len(keys),), self.edits)])
@@ -116,6 +140,7 @@ class EditRouter(nn.Module):
         keep = self.owner < edits
         self.keys, self.owner = self.keys[keep], self.owner[keep]
         self.images, self.has_image, self.open = self.images[:edits], self.has_image[:edits], self.open[:edits]
+        self.radius = self.radius[:edits]
 
     def forward(self, x: Float[Tensor, "b t d"], image: Float[Tensor, "b d"] | None,
                 has: Bool[Tensor, " b"] | None = None) -> Bool[Tensor, "b t e"]:
@@ -126,7 +151,7 @@ class EditRouter(nn.Module):
         gate = ((z >= self.tau_question).float() @ owner > 0) | self.open.to(x.device)   # any key close
         if has is None or not len(self.image_mean):
             return gate
-        same = (self.image_code(image) @ self.images.to(x.device).T >= self.tau_image) & has[:, None]  # [b, e]
+        same = (self.image_code(image) @ self.images.to(x.device).T >= self.radius.to(x.device)) & has[:, None]
         return gate & (same | ~self.has_image.to(x.device))[:, None]
 
     def extra_repr(self) -> str:

@@ -59,6 +59,8 @@ def main(args) -> dict:
         check_settings(runs, args.n)
     elif not args.speed:
         raise ValueError("--methods none runs nothing; add --speed or name methods")
+    if args.sequence_safe and args.model != "tiny":
+        raise ValueError("--sequence-safe draws the tiny model's world lists; MMEdit files are used as they are")
     mid = _list(args.mid.replace("x", ","), int)
     if len(mid) != 2:
         raise ValueError(f"--mid takes HIDDENxLAYERS, e.g. 1024x8, not {args.mid!r}")
@@ -71,6 +73,7 @@ def main(args) -> dict:
     torch.manual_seed(args.seed)
     setup = load_setup(args.model, _list(args.data or ""), args.image_root, _list(args.fit_data or ""),
                        args.device, args.dtype)
+    setup.sequence_safe = True if args.sequence_safe else None
     progress = not args.quiet
     triplets = setup.triplets(args.triplets, args.seed, held_out=args.n)
     new = bench(setup, names, runs, n=args.n, seed=args.seed, triplets=triplets, alpha_cases=args.alpha_cases,
@@ -108,6 +111,8 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", default="token_acc", help="token_acc, exact, easyedit (comma list; docs/metrics.md)")
     p.add_argument("--score-after", default="all", help="sequential runs: 'all' (every case scored after the K-th "
                    "edit) or 'each' (right after its own edit: EasyEdit's and the UniKE code's rule); comma list")
+    p.add_argument("--sequence-safe", action="store_true", help="tiny model: edit lists in which no probe asks "
+                   "about a fact another edit of the list changes (version 2's default)")
     p.add_argument("--seed", type=int, default=0, help="seeds the cases, the fit triplets, torch and UniKEConfig")
     p.add_argument("--triplets", type=int, default=200, help="fit triplets per method")
     p.add_argument("--alpha-cases", type=int, default=5, help="one-step UniKE edits for α against relevance (0: off)")

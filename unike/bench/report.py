@@ -35,7 +35,8 @@ def mean5(scores: dict) -> float | None:
 
 def source(run: dict) -> str:
     after = " · scored after each edit" if run.get("score_after") == "each" else ""
-    return f"{run['model']} · {run['protocol']}{after} · n={run['n']} · seed {run['seed']}"
+    safe = " · sequence-safe lists" if run.get("sequence_safe") else ""
+    return f"{run['model']} · {run['protocol']}{after}{safe} · n={run['n']} · seed {run['seed']}"
 
 
 def paper_source(task: str) -> str:

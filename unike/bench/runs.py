@@ -18,14 +18,15 @@ from . import methods as registry
 
 TASKS = ("vqa", "caption", "cross")
 MODES = ("one-step", "sequential")
-RUN_KEY = ("model", "method", "task", "mode", "k", "n", "protocol", "score_after", "seed")
+RUN_KEY = ("model", "method", "task", "mode", "k", "n", "protocol", "score_after", "seed", "sequence_safe")
 
 
 @dataclass
 class Setup:
     """The model under test and where its edit cases and fit triplets come from: the tiny model's
     `SynthWorld`, or MMEdit files (`data`: cases per task; `fit_cases`: cases whose (question, target,
-    model answer) become fit triplets)."""
+    model answer) become fit triplets). `sequence_safe`: the world's lists drawn sequence-safe
+    (`SynthWorld.edit_cases`; None: the world version's default)."""
 
     model: torch.nn.Module
     processor: object
@@ -33,6 +34,7 @@ class Setup:
     world: SynthWorld | None = None
     data: dict[str, list[EditCase]] = field(default_factory=dict)
     fit_cases: list[EditCase] = field(default_factory=list)
+    sequence_safe: bool | None = None
 
     def _pool(self, task: str, seed: int) -> list[EditCase]:
         if task not in self.data:
@@ -45,7 +47,7 @@ class Setup:
     def task_cases(self, task: str, n: int, seed: int) -> list[EditCase]:
         """`n` cases of one task (`SynthWorld.edit_cases`, or a seeded sample of the MMEdit file)."""
         if self.world is not None:
-            return self.world.edit_cases(task, n=n, seed=seed)
+            return self.world.edit_cases(task, n=n, seed=seed, sequence_safe=self.sequence_safe)
         pool = self._pool(task, seed)
         if n > len(pool):
             raise ValueError(f"--n {n} exceeds the {len(pool)} {task} cases of --data")
@@ -198,7 +200,9 @@ def bench(setup: Setup, names: list[str], runs: list[dict], *, n: int, seed: int
                 cases = cache.setdefault(key, setup.cases(*key))
                 result = run(method, cases, mode=s["mode"], k=s["k"], protocol=s["protocol"], seed=seed,
                              score_after=s.get("score_after", "all"), progress=progress)
+                safe = setup.world is not None and setup.world.max_cases("vqa", setup.sequence_safe) is not None
                 records.append({"model": setup.label, "method": name, **s, "n": n, "seed": seed,
+                                "sequence_safe": safe,
                                 "triplets": len(fit_set), "fit_seconds": round(fit_seconds, 3), **result})
                 bar.update()
             editor = registry.unike_of(method)
@@ -237,6 +241,7 @@ def load(path) -> dict:
         raise ValueError(f"{path} is not a unike bench results.json (no 'runs' list); pass another --out")
     for r in data["runs"]:          # written before score_after existed: every run was scored after all K
         r.setdefault("score_after", "all")
+        r.setdefault("sequence_safe", False)   # ... before sequence-safe lists: the version-1 lists
     return data
 
 
