@@ -73,6 +73,12 @@ def test_lookalike_radius_keeps_fit_lookalikes_out():
     radius = r.lookalike_radius(questions[:1], images[2], apart)   # question test passes rows 0-2
     assert radius == pytest.approx(max(float(sims[0]), float(sims[1])) + 1e-3) and radius > 0.5
     assert r.lookalike_radius(questions[:1], images[2], torch.tensor([False] * 6)) == 0.5
+    # never above the fit renderings of the same knowledge: row 0 the same knowledge, row 2 a look-alike
+    capped = r.lookalike_radius(questions[:1], images[2], torch.tensor([False, True, True, True, True, True]))
+    assert capped == pytest.approx(float(sims[0])) and float(sims[2]) > capped
+    r.tau_image_max = 0.6                           # and never above route_image_max
+    assert r.lookalike_radius(questions[:1], images[2], apart) == 0.6
+    r.tau_image_max = 0.8
     r.add(questions[:1], images[2], radius=radius)
     r.add(questions[:1], images[2])                # the same edit at τ_img
     gate = r(questions[:3, None], images[:3], torch.ones(3, dtype=torch.bool))[:, 0]

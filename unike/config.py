@@ -51,7 +51,9 @@ class UniKEConfig:
                                          # (unike.router; ours); False: the paper's ungated neurons
     route_question: float = 0.85         # standardised cosine to one of the edit's target positions ≥ this
     route_image: float = 0.7             # and cosine of the prompt's image code to the edit's ≥ this
-    route_lookalikes: bool = False       # raise an edit's image threshold above the fit look-alikes its question passes
+    route_lookalikes: bool = True        # raise each edit's image threshold above the fit look-alikes its question
+                                         # test passes (other knowledge), up to route_image_max (ours)
+    route_image_max: float = 0.8
     scoped_negatives: bool = False       # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True
@@ -90,7 +92,8 @@ class UniKEConfig:
             raise ValueError(f"zeta must be one of {ZETA_CHOICES}, not {self.zeta!r}")
         if not (self.intrinsic or self.latent):
             raise ValueError("intrinsic and latent are both off: nothing would be edited; enable one")
-        bad = [f"{n}={getattr(self, n)}" for n in ("route_question", "route_image") if not -1 <= getattr(self, n) <= 1]
+        bad = [f"{n}={getattr(self, n)}" for n in ("route_question", "route_image", "route_image_max")
+               if not -1 <= getattr(self, n) <= 1]
         if bad:
             raise ValueError(f"UniKEConfig: {', '.join(bad)} must lie in [-1, 1] (cosines)")
         if self.fixed_alpha is not None and not 0.0 <= self.fixed_alpha <= 1.0:

@@ -86,6 +86,8 @@ class UniKE:
     @config.setter
     def config(self, value: UniKEConfig) -> None:
         self.edits.switch.config = value
+        r = self.router          # its thresholds follow the config (they were fixed when it was built)
+        r.tau_question, r.tau_image, r.tau_image_max = value.route_question, value.route_image, value.route_image_max
 
     @property
     def layers(self) -> dict[int, EditedLayer]:

@@ -148,7 +148,7 @@ class Edits(nn.Module):
         super().__init__()
         self.switch = Switch(config)
         self.layers = nn.ModuleDict({str(l): EditedLayer(l, dim, self.switch) for l in layer_ids})
-        self.router = EditRouter(dim, config.route_question, config.route_image)
+        self.router = EditRouter(dim, config.route_question, config.route_image, config.route_image_max)
 
     def state(self) -> dict[str, Tensor]:
         """Every parameter and buffer by name (each once: the memory shares its layer's spaces)."""

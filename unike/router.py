@@ -3,11 +3,12 @@
 An edit's neurons are gated, in every edited layer, by a test read at the input of the *first* edited
 layer, which no edit changes:
 
-    g_e(t) = [max_j ẑ(x_t)·k_ej ≥ τ_q] ∧ [ĉ(x)·c_e ≥ τ_img]
+    g_e(t) = [max_j ẑ(x_t)·k_ej ≥ τ_q] ∧ [ĉ(x)·c_e ≥ r_e]
 
 ẑ(x_t) is the state at position t standardised by the fit questions' statistics and normalised; k_ej are
 the same for the edit's own target positions (the question's last token and the answer's); ĉ is the mean
-over the prompt's image tokens, centred on the fit images' mean and normalised, and c_e the edit's. A
+over the prompt's image tokens, centred on the fit images' mean and normalised, and c_e the edit's; r_e is
+the edit's image radius, τ_img or above it to keep out the fit's look-alikes (`lookalike_radius`). A
 test whose centre is the edit's own state (every fit prompt the edit's) is not made for that edit. An
 edit without an image skips the image test; an edit with one never fires on a prompt without one. The
 image code is a property of the whole prompt: `UniKE` computes it where the image tokens are and keeps it
@@ -24,9 +25,9 @@ from torch import Tensor, nn
 class EditRouter(nn.Module):
     """The per-edit gate g_e of the first edited layer (`UniKEConfig.route`)."""
 
-    def __init__(self, dim: int, tau_question: float = 0.85, tau_image: float = 0.7):
+    def __init__(self, dim: int, tau_question: float = 0.85, tau_image: float = 0.7, tau_image_max: float = 0.8):
         super().__init__()
-        self.tau_question, self.tau_image = tau_question, tau_image
+        self.tau_question, self.tau_image, self.tau_image_max = tau_question, tau_image, tau_image_max
         self.register_buffer("mean", torch.zeros(dim))          # fit questions' last-token states
         self.register_buffer("std", torch.ones(dim))
         self.register_buffer("image_mean", torch.zeros(0))      # fit images' code mean; empty: no images seen
@@ -80,7 +81,8 @@ class EditRouter(nn.Module):
         """A new edit's image threshold: above the image code of every fit negative its question test passes
         that holds other knowledge (`apart`, e.g. `training.unrelated` over the fit negatives), so that the
         look-alikes among the fit prompts are kept out, but never above the fit prompts of the same
-        knowledge (other renderings of the edited fact); τ_img where there are no look-alikes."""
+        knowledge (other renderings of the edited fact) nor above `tau_image_max`; τ_img where there are no
+        look-alikes."""
         keys, code, seen, is_open = self.entry(targets, image)
         if not seen or is_open or len(self.negatives) != len(apart):
             return self.tau_image
@@ -92,7 +94,7 @@ class EditRouter(nn.Module):
         radius = float(sims[near & apart].max()) + 1e-3
         if (near & ~apart).any():
             radius = min(radius, float(sims[near & ~apart].min()))
-        return max(self.tau_image, radius)
+        return max(self.tau_image, min(radius, self.tau_image_max))
 
     @torch.no_grad()
     def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, everywhere: bool = False,
@@ -155,7 +157,8 @@ class EditRouter(nn.Module):
         return gate & (same | ~self.has_image.to(x.device))[:, None]
 
     def extra_repr(self) -> str:
-        return f"edits={self.edits}, tau_question={self.tau_question}, tau_image={self.tau_image}"
+        return (f"edits={self.edits}, tau_question={self.tau_question}, tau_image={self.tau_image}, "
+                f"tau_image_max={self.tau_image_max}")
 
 
 def image_codes(x: Float[Tensor, "b t d"],
