@@ -36,6 +36,11 @@ class Setup:
     fit_cases: list[EditCase] = field(default_factory=list)
     sequence_safe: bool | None = None
 
+    @property
+    def safe_lists(self) -> bool:
+        """Whether the edit lists are sequence-safe (the world's, by request or by its version's default)."""
+        return self.world is not None and self.world.max_cases("vqa", self.sequence_safe) is not None
+
     def _pool(self, task: str, seed: int) -> list[EditCase]:
         if task not in self.data:
             raise ValueError(f"no {task} cases: pass an MMEdit {task} file with --data (the file name says "
@@ -200,9 +205,8 @@ def bench(setup: Setup, names: list[str], runs: list[dict], *, n: int, seed: int
                 cases = cache.setdefault(key, setup.cases(*key))
                 result = run(method, cases, mode=s["mode"], k=s["k"], protocol=s["protocol"], seed=seed,
                              score_after=s.get("score_after", "all"), progress=progress)
-                safe = setup.world is not None and setup.world.max_cases("vqa", setup.sequence_safe) is not None
                 records.append({"model": setup.label, "method": name, **s, "n": n, "seed": seed,
-                                "sequence_safe": safe,
+                                "sequence_safe": setup.safe_lists,
                                 "triplets": len(fit_set), "fit_seconds": round(fit_seconds, 3), **result})
                 bar.update()
             editor = registry.unike_of(method)
