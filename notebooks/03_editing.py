@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -150,10 +150,10 @@ bars(ablations, "ablations (one-step, vqa)")
 # $\alpha$ sets how much retrieved knowledge replaces the attention output:
 # $$h' = (1-\alpha)\,h_{attn} + \alpha\,h_{know}.$$
 # UniKE computes it per token in the semantic space,
-# $\alpha = \mathrm{clamp}(\cos(\mathrm{Enc}_{sem}(h_{know}), x), 0, 1)$; `fixed_alpha` replaces it by a
-# constant. Either way the relevance gate keeps $\alpha = 0$ on tokens that are not closer to stored
-# knowledge than ordinary prompt tokens get (method.md), so a fixed $\alpha$ acts on the same tokens as the
-# dynamic one, at another strength.
+# $\alpha = \mathrm{clamp}(\cos(\mathrm{Enc}_{sem}(h_{know}), x)/s, 0, 1)$ ($s$: the fit samples' median
+# own cosine), at the first edited layer, and only where an edit's scope lets its knowledge in ($\alpha = 0$
+# elsewhere, method.md). `fixed_alpha` replaces it by a constant applied to *every* token, as in the paper's
+# Fig. 4b: tokens no edit concerns then mix in their top-K fitted entries.
 
 # %%
 sweep = {f"α = {a}": evaluate_with(cases["vqa"], fixed_alpha=a) for a in ALPHAS}

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -81,9 +81,9 @@ print(f"nnsight {nnsight.__version__}; decoder layers at {layers_path}")
 # ## α per token and layer
 #
 # A heat-map of $\alpha$ over the prompt's text tokens (the image's tokens are summarised in the title) at
-# each edited layer, for the edit, a rephrasing, and unrelated questions. The relevance gate keeps
-# $\alpha$ at exactly 0 wherever a token is no closer to stored knowledge than ordinary prompt tokens get,
-# so the memory acts only where an input comes close to a stored entry, such as the edit written into it.
+# each edited layer, for the edit, a rephrasing, and unrelated questions. Where the memory acts is decided
+# once, at the first edited layer (whose states no edit has moved), and α with it: the edit's entry opens
+# where the edit's scope (its router gate) lets it in, and $\alpha$ is exactly 0 everywhere else.
 
 # %%
 image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", -1)
@@ -119,13 +119,12 @@ plt.show()
 # %% [markdown]
 # ## What a query retrieves
 #
-# A relevant token's pre-attention state $x$ retrieves its top-K (`top_k=40`) memory entries by cosine
-# between standardised states, weighted by $w = \mathrm{softmax}(\cos/T)$; `LatentMemory.nearest(x)`
-# returns those cosines and the entries' indices (entry i of the first `n_fit` is the i-th fit triplet;
-# the edits' entries follow), and `LatentMemory.relevance(x)` the best match that the relevance gate
-# compares (fitted entries matched in the memory's index, the edits' by cosine). Below: the question's
-# last token at the layer where its $\alpha$ is largest, read with nnsight as the input of that decoder
-# layer.
+# A token where an edit is open retrieves that edit's entry alone; `LatentMemory.nearest(x)` shows what
+# else lies near: the top-K (`top_k=40`) entries by cosine between standardised states (entry i of the
+# first `n_fit` is the i-th fit triplet; the edits' entries follow). Fit entries of the fact the edit
+# changed are masked (`LatentMemory.masked`) and would not be retrieved. Below: the question's last token
+# at the layer where its $\alpha$ is largest, read with nnsight as the input of that decoder layer, and
+# `editor.edits.switch.decision`, what the first edited layer decided in that forward.
 
 # %%
 alpha, _ = alpha_map(case.image, case.prompt)
@@ -134,16 +133,15 @@ with traced.trace(**inputs_for(case.image, case.prompt)):
     x = layers[l].input.save()                   # the state entering layer l: [1, tokens, d]
 memory = editor.memory[l]
 sims, idx = memory.nearest(x[0, -1:])            # the question's last token
-weights = torch.softmax(sims / memory.temperature, dim=-1)[0]
 
 # %%
 n_fit = int(memory.n_fit)
-print(f"layer {l}: α = {alpha[editor.layer_ids.index(l), -1]:.2f}; relevance gate: best match "
-      f"{memory.relevance(x[0, -1:]).item():.3f} ≥ {memory.min_similarity.item():.3f}")
-for s, w, i in zip(sims[0, :8].tolist(), weights[:8].tolist(), idx[0, :8].tolist()):
+opened = editor.edits.switch.decision.open[-1].nonzero().flatten().tolist()
+print(f"layer {l}: α = {alpha[editor.layer_ids.index(l), -1]:.2f}; edits open at the last token: {opened}")
+for s, i in zip(sims[0, :8].tolist(), idx[0, :8].tolist()):
     entry = (f"fit triplet {i}: {triplets[i].question!r} -> {triplets[i].right!r}" if i < n_fit
              else f"edit {i - n_fit}: {case.prompt!r} -> {case.target!r}")
-    print(f"  cos {s:.3f}  weight {w:.3f}  {entry}")
+    print(f"  cos {s:.3f}  {'masked' if i < n_fit and memory.masked[i] else '':6}  {entry}")
 
 # %% [markdown]
 # ## The edit's neurons
@@ -182,9 +180,9 @@ plt.show()
 # 0 (no external knowledge) or 1 (retrieved knowledge replaces every token's attention output), $\zeta'$
 # scaled, and the new neurons switched off; the table shows the next-token prediction and the
 # probabilities of the target and of the original answer (their first tokens), and how far the logits
-# moved from the edited model's. Tokens that the relevance gate shuts skip retrieval (their $h_{know}$ is
-# a zero row), so the traces run inside `editor.full_retrieval()`, where every token retrieves its
-# knowledge.
+# moved from the edited model's. Tokens where the memory does not act skip retrieval (their $h_{know}$
+# is a zero row), so the traces run inside `editor.full_retrieval()`, where every token retrieves its
+# knowledge (an open edit's entry, else its top-K fitted entries).
 
 # %%
 inputs = inputs_for(case.image, case.prompt)

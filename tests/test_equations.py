@@ -71,18 +71,18 @@ V_POS = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [3.0, 3.0, 3.0]]
 
 
 def _memory(top_k=2, temperature=0.5, fixed_alpha=None):
-    """A memory whose standardiser is the identity (mean 0, std 1, as a fresh `Spaces` has it), ungated."""
+    """A fitted memory whose standardiser is the identity (mean 0, std 1, as a fresh `Spaces` has it), ungated."""
     spaces = Spaces(3, hidden=4, truth_dim=2)
     assert torch.equal(spaces.standardize.mean, torch.zeros(3)) and torch.equal(spaces.standardize.std, torch.ones(3))
     mem = LatentMemory(3, spaces, top_k=top_k, temperature=temperature, fixed_alpha=fixed_alpha)
-    mem.add(torch.tensor(H_SEM), torch.tensor(H_POS), torch.tensor(V_POS))
+    mem.add(torch.tensor(H_SEM), torch.tensor(H_POS), torch.tensor(V_POS), fitted=True)
     return mem
 
 
-def _shift(x, h_attn, top_k, temperature, alpha_of):
-    """(1 − α)·h_attn + α·Σ softmax(cos / T)·v over the top-K entries by cosine, by hand."""
+def _shift(x, h_attn, top_k, temperature, alpha_of, among=None):
+    """(1 − α)·h_attn + α·Σ softmax(cos / T)·v over the top-K entries (`among` them) by cosine, by hand."""
     cos = [_cos(x, k) for k in H_SEM]
-    top = sorted(range(len(H_SEM)), key=lambda i: -cos[i])[:top_k]
+    top = sorted(range(len(H_SEM)) if among is None else among, key=lambda i: -cos[i])[:top_k]
     e = {i: math.exp(cos[i] / temperature) for i in top}
     w = {i: e[i] / sum(e.values()) for i in top}
     h_know = [sum(w[i] * V_POS[i][j] for i in top) for j in range(3)]
@@ -122,6 +122,29 @@ def test_shift_with_semantic_alpha_by_hand():
     assert 0 < alphas[0] < 1 and alphas[1] == 0.0, alphas
     assert torch.allclose(out[0], torch.tensor(want), atol=1e-6), (out, want)
     assert torch.equal(out[0, 1], torch.tensor(H_ATTN[1]))
+
+
+def test_edit_entries_on_their_own_and_changed_facts_masked_by_hand():
+    """Entries 0–2 fitted, entry 3 an edit's. A token whose best match is the edit's entry retrieves it
+    alone (its own softmax: h_know = v_3); the others retrieve their top-2 fitted entries, entry 1 left out
+    once masked (a fact the edit changed). With a fixed α every token is shifted, gate or not."""
+    spaces = Spaces(3, hidden=4, truth_dim=2)
+    mem = LatentMemory(3, spaces, top_k=2, temperature=0.5, fixed_alpha=0.3)
+    mem.add(torch.tensor(H_SEM[:3]), torch.tensor(H_POS[:3]), torch.tensor(V_POS[:3]), fitted=True)
+    mem.add(torch.tensor(H_SEM[3:]), torch.tensor(H_POS[3:]), torch.tensor(V_POS[3:]))
+    assert mem.edits == 1 and mem.owner.tolist() == [0]
+    best = [max(range(4), key=lambda i: _cos(x, H_SEM[i])) for x in X]
+    assert best == [2, 3, 1]                     # token 1 is closest to the edit's entry
+    for masked in ([], [1]):
+        mem.mask(torch.tensor(masked, dtype=torch.long))
+        with torch.no_grad():
+            out = mem(torch.tensor([H_ATTN]), torch.tensor([X]))
+        fitted = [i for i in range(3) if i not in masked]
+        want = [_shift(x, h, 2, 0.5, lambda s, x: 0.3, among=[3] if b == 3 else fitted)
+                for x, h, b in zip(X, H_ATTN, best)]
+        assert torch.allclose(out[0], torch.tensor(want), atol=1e-6), (masked, out, want)
+    mem.truncate(3)                                # reset: the edit's entry and the masks go
+    assert len(mem) == 3 and not mem.masked.any() and mem.edits == 0
 
 
 def test_empty_memory_and_alpha_zero_give_the_attention_output_back():

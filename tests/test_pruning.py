@@ -57,23 +57,31 @@ def test_pruned_forward_equals_full_retrieval(tiny):
 
 @pytest.mark.slow
 def test_only_relevant_tokens_retrieve_and_relevance_is_the_index_match(tiny):
+    """Where the memory acts is decided once, at the first edited layer: tokens whose best fitted match (in
+    the index) reaches its gate, and tokens where an edit is open (its router gate); every layer retrieves
+    for exactly those."""
     editor, batch = tiny
-    opened = spared = 0
-    for l, q in _queries(editor, batch).items():
+    spared = 0
+    queries = _queries(editor, batch)
+    decision = editor.edits.switch.decision
+    acts = decision.relevant | decision.open.any(1)
+    for l, q in queries.items():
         mem = editor.memory[l]
         n_fit = int(mem.n_fit)
         # the match by definition: fitted entries through the index, the edits' entries by exact cosine
         ix = mem.index
         want = torch.cat([(q @ ix.basis.T) @ ix.coords.T, q @ mem.keys[n_fit:].T], 1).amax(1)
         assert torch.allclose(ix.matches(q, 1, mem.keys, n_fit)[:, 0], want, atol=1e-6)
-        relevant = (want >= mem.min_similarity).sum()
-        assert torch.equal(ix.relevant(q, mem.keys, n_fit, mem.min_similarity), want >= mem.min_similarity)
+        fitted = (q @ ix.basis.T) @ ix.coords.T
+        assert torch.equal(ix.relevant(q, mem.keys[:n_fit], n_fit, mem.min_similarity),
+                           fitted.amax(1) >= mem.min_similarity)
+        if l == editor.layer_ids[0]:
+            assert torch.equal(decision.relevant, fitted.amax(1) >= mem.min_similarity)
         # the tokens whose fitted matches cannot reach the gate (|q_r|·max|k_r| below it) skip the index scan
         spared += int(((q @ ix.basis.T).norm(dim=1) * ix.coords.norm(dim=1).max() < mem.min_similarity).sum())
-        assert mem.retrieved == (int(relevant), len(q))          # what the last forward (in _queries) did
-        assert relevant < len(q) / 2, f"layer {l}: {int(relevant)} of {len(q)} tokens are relevant"
-        opened += int(relevant)
-    assert opened > 0, "no token retrieved: the edit's own question should"
+        assert mem.retrieved == (int(acts.sum()), len(q))       # what the last forward (in _queries) did
+    assert 0 < acts.sum() < len(acts) / 2, f"{int(acts.sum())} of {len(acts)} tokens act"
+    assert decision.open.any(), "the edit's own question should open its entry"
     assert spared > 0, "every token scanned the index: the norm bound spared none"
 
 
@@ -142,7 +150,7 @@ def test_shortlist_is_exact_whatever_lies_outside_the_index(outside):
             fitted=True)
     mem.reindex()
     mem.add(*torch.randn(3, 20, d))
-    q = mem._unit(torch.cat([low[:50] + 0.1 * torch.randn(50, d), torch.randn(50, d)]))
+    q = mem.unit(torch.cat([low[:50] + 0.1 * torch.randn(50, d), torch.randn(50, d)]))
     for block in (q, *q.split(1)):
         idx = mem.retrieve(block)[1]
         assert torch.equal(idx.sort(1).values, _exact(mem, block)[0])

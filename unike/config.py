@@ -60,8 +60,10 @@ class UniKEConfig:
     top_k: int = 40                      # paper: 40
     temperature: float = 0.1
     write_edit_to_memory: bool = True
-    relevance_quantile: float | None = 0.99  # α = 0 where the best match is below this quantile of the prompt
-                                             # tokens' (not question-final) best matches; None: off
+    fitted_knowledge: bool = False       # tokens about fitted knowledge (not an edit's) shift toward it too; off:
+                                         # only edits' knowledge acts (with a dynamic α; ours)
+    relevance_quantile: float | None = 0.99  # with fitted_knowledge: α = 0 where the best fitted match is below this
+                                             # quantile of the prompt tokens' (not question-final) best matches
     index_rank: int = 64                 # width of the index the relevance gate matches fitted entries in
     # collaboration
     collaboration: bool = True           # False: fixed α and no ζ (paper Table 4 row 4)

@@ -230,23 +230,31 @@ class UniKE:
                           "neurons alone; call editor.fit(triplets) for UniKE's latent knowledge", stacklevel=3)
             self._warned = True
         states = self.collector.states(inputs)
+        at = targets(inputs["labels"], eos_id_of(self.model, self.processor))
+        first, radius = states[self.layer_ids[0]], None
+        if cfg.route and cfg.route_lookalikes:       # the edit's image radius (its gate), known before training
+            apart = unrelated({l: st.q[at] for l, st in states.items()},
+                              {l: self.layers[l].negatives.to(st.q) for l, st in states.items()}, cfg.neg_exclude_cos)
+            radius = self.router.lookalike_radius(first.x[at], first.image, apart)
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:
             for l, st in states.items():
-                self.memory[l].add(st.h_sem, st.h_pos, self.collector.attn_values(l, st.h_pos, inputs))
+                v_pos = self.collector.attn_values(l, st.h_pos, inputs)
+                self.memory[l].add(st.h_sem, st.h_pos, v_pos, edit=self.n_edits)
         info = {"steps": 0, "loss": 0.0}
         if cfg.intrinsic:
             extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
                 item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
-            at = targets(inputs["labels"], eos_id_of(self.model, self.processor))
-            info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
-                                 self.router if cfg.route and cfg.scoped_negatives else None, progress)
-            first, radius = states[self.layer_ids[0]], None
-            if cfg.route and cfg.route_lookalikes:
-                apart = unrelated({l: st.q[at] for l, st in states.items()},
-                                  {l: self.layers[l].negatives.to(st.q) for l, st in states.items()},
-                                  cfg.neg_exclude_cos)
-                radius = self.router.lookalike_radius(first.x[at], first.image, apart)
-            self.router.add(first.x[at], first.image, radius=radius)
+            self.scope.pending = (first.x[at], first.image, radius)       # its memory entry opens as it will
+            try:
+                info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
+                                     self.router if cfg.route and cfg.scoped_negatives else None, progress, radius)
+            finally:
+                self.scope.pending = None
+        if self.fitted:                               # the fitted entries of the facts it changes leave retrieval
+            changed = self.router.changed(first.x[at], first.image, radius)
+            for memory in self.memory.values():
+                memory.mask(changed)
+        self.router.add(first.x[at], first.image, radius=radius)
         self.n_edits += 1
         return info
 

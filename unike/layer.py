@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import UniKEConfig
 from .hooks import Hooks
 from .locate import Layer
-from .memory import LatentMemory
+from .memory import Decision, LatentMemory
 from .neurons import NeuronPatch
 from .prompting import device_of
 from .router import EditRouter
@@ -28,12 +28,14 @@ from .spaces import Spaces, zeta_variant
 
 @dataclass
 class Switch:
-    """What the hooks of one editor share: its config, whether UniKE acts, and the router's gate g_e of the
-    current forward pass."""
+    """What the hooks of one editor share: its config, whether UniKE acts, and what the first edited layer
+    decided in the current forward pass: the router's gate g_e and where the memory acts."""
 
     config: UniKEConfig
     enabled: bool = True
     gate: Bool[Tensor, "b t e"] | None = None
+    pending: Bool[Tensor, "b t"] | None = None      # the gate of the edit being trained (for its memory entry)
+    decision: Decision | None = None
 
 
 def first(value):
@@ -59,9 +61,10 @@ class EditedLayer(nn.Module):
     (kept on the CPU): those of fit questions, inside fit answers, at fit prompts' image tokens, and of
     earlier edits' targets."""
 
-    def __init__(self, index: int, dim: int, switch: Switch):
+    def __init__(self, index: int, dim: int, switch: Switch, decides: bool = False):
         super().__init__()
         self.index, self.switch, config = index, switch, switch.config
+        self.decides = decides              # the first edited layer: decides where every layer's memory acts
         self.spaces = Spaces(dim, config.encoder_hidden, config.truth_dim)
         self.memory = LatentMemory(dim, self.spaces, config.top_k, config.temperature, config.alpha,
                                    config.index_rank)
@@ -84,6 +87,7 @@ class EditedLayer(nn.Module):
         self.memory.truncate(0)
         self.memory.add(st["h_sem"], st["h_pos"], st["v_pos"], fitted=True)
         self.memory.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
+        self.memory.scale_alpha(st["h_sem"].to(device), st["h_pos"].to(device))
         self.negatives, self.answer_negatives = st["q"][picks[0]], st["q_ans"][picks[1]]
         # a generator of its own, so the other draws are the same with or without the option
         picks = torch.randperm(len(st["q_other"]), generator=torch.Generator().manual_seed(cfg.seed + self.index))
@@ -115,6 +119,8 @@ class EditedLayer(nn.Module):
 
     def _record_x(self, module, args, kwargs):
         self.x = args[0] if args else kwargs["hidden_states"]
+        if self.decides:
+            self.switch.decision = None
 
     def _record_q(self, module, args, kwargs):
         self.q = args[0] if args else next(iter(kwargs.values()))
@@ -127,7 +133,17 @@ class EditedLayer(nn.Module):
         x = self.x.to(h.device)        # the block's input may arrive from another device (device_map)
         if x.shape != h.shape:
             return None                # e.g. cross-attention layers whose output is not per input token
-        return _replace_output(output, follow(memory, h)(h, x))
+        memory = follow(memory, h)
+        if self.decides:               # states no edit has moved: where every layer's memory acts
+            gate, pending = self.switch.gate, self.switch.pending
+            memory.fitted_acts = self.switch.config.fitted_knowledge
+            self.switch.decision = memory.decide(memory.unit(x.reshape(-1, x.shape[-1])),
+                                                 None if gate is None else gate.reshape(-1, gate.shape[-1]),
+                                                 None if pending is None else pending.reshape(-1))
+        shifted = memory(h, x, self.switch.decision)
+        if self.decides and self.switch.decision is not None:   # α too is decided here, on unmoved states
+            self.switch.decision = self.switch.decision._replace(alpha=memory.last_alpha)
+        return _replace_output(output, shifted)
 
     def _add_neurons(self, module, args, output):
         patch, gate = self.neurons, self.switch.gate
@@ -147,7 +163,7 @@ class Edits(nn.Module):
     def __init__(self, layer_ids: list[int], dim: int, config: UniKEConfig):
         super().__init__()
         self.switch = Switch(config)
-        self.layers = nn.ModuleDict({str(l): EditedLayer(l, dim, self.switch) for l in layer_ids})
+        self.layers = nn.ModuleDict({str(l): EditedLayer(l, dim, self.switch, l == min(layer_ids)) for l in layer_ids})
         self.router = EditRouter(dim, config.route_question, config.route_image, config.route_image_max)
 
     def state(self) -> dict[str, Tensor]:

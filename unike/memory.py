@@ -16,19 +16,30 @@ itself), so that
 Per-token retrieval makes the shift independent of batch composition, padding and the KV cache: a
 token gets the same shift whether it is processed in the prefill or in a cached decoding step.
 
-Relevance gate. Most tokens (image patches, words inside a question) are about no stored question;
-they get α = 0 and their attention output back unchanged. A token is relevant when its best match reaches
-the gate `min_similarity`, set by `calibrate` to a quantile of ordinary prompt tokens' best matches. The
-matches and the top-K are computed exactly through an index of the fitted keys (`unike.shortlist`), so a
-forward costs about r numbers per fitted entry and relevant token, not d; only relevant tokens retrieve.
+Relevance (ours), decided once per forward at the first edited layer, whose states no edit has moved,
+and reused by the deeper ones (`Decision`, `decide`):
+* an edit's entries are *open* at a token where the edit's scope lets it through (the router's g_e; for an
+  edit not routed, e.g. one being trained: where its entry is the token's best match, fitted ones
+  included, and reaches the gate). A token with open edits retrieves their entries only, weighted by
+  their own softmax: the edit's knowledge is not drowned by the fitted entries, which hold the facts as
+  they were;
+* any other token retrieves its top-K fitted entries, those of facts an edit changed masked (`masked`,
+  set by `mask`, cleared by `reset`), and is relevant when its best fitted match reaches the gate
+  `min_similarity` (`calibrate`: a quantile of ordinary prompt tokens' best matches).
+Dynamic α is 0 on tokens neither relevant nor open (their attention output comes back unchanged); a fixed
+α (`fixed_alpha`, Fig. 4b; or no collaboration) is applied to every token as given. The matches and the
+top-K are computed exactly through an index of the fitted keys (`unike.shortlist`), so a forward costs
+about r numbers per fitted entry and relevant token, not d; only relevant tokens retrieve.
 `prune = False` (or `UniKE.full_retrieval()`) makes every token retrieve without changing which are
 relevant, e.g. to read or steer α where the gate is shut.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from .shortlist import Index
@@ -45,20 +56,33 @@ class Knowledge(nn.Module):
         return out.index_copy(0, rows, torch.einsum("mk,mkd->md", weights, table.to(weights)[idx]))
 
 
+class Decision(NamedTuple):
+    """Where the memory acts, decided at the first edited layer: `relevant` tokens (best fitted match at the
+    gate), per token the edits whose entries are open there, and (once that layer's memory ran) α."""
+
+    relevant: Bool[Tensor, " n"]
+    open: Bool[Tensor, "n e"]
+    alpha: Float[Tensor, " n"] | None = None
+
+
 class Alpha(nn.Module):
-    """α per token: clamp(cos(Enc_sem(h_know), x), 0, 1) (or a fixed value), and 0 where the token is not
-    relevant (its best match is below the gate)."""
+    """α per token: clamp(cos(Enc_sem(h_know), x) / s, 0, 1), s the median cosine of the fit samples' own
+    pairs (`scale`, set by `fit`); or α as decided at the first edited layer (`given`); or a fixed value.
+    0 where `relevant` is 0 (for a fixed α: only where nothing was retrieved)."""
 
     def __init__(self, fixed: float | None = None):
         super().__init__()
         self.fixed = fixed
+        self.register_buffer("scale", torch.tensor(1.0))
 
-    def forward(self, enc_know: Float[Tensor, "n d"], x_std: Float[Tensor, "n d"],
-                relevant: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+    def forward(self, enc_know: Float[Tensor, "n d"], x_std: Float[Tensor, "n d"], relevant: Float[Tensor, " n"],
+                given: Float[Tensor, " n"] | None = None) -> Float[Tensor, " n"]:
         if self.fixed is not None:
             alpha = enc_know.new_full(enc_know.shape[:1], float(self.fixed))
+        elif given is not None:
+            alpha = given.to(enc_know)
         else:
-            alpha = F.cosine_similarity(enc_know, x_std, dim=-1).clamp(0, 1)
+            alpha = (F.cosine_similarity(enc_know, x_std, dim=-1) / self.scale).clamp(0, 1)
         return alpha * relevant
 
 
@@ -77,40 +101,72 @@ class LatentMemory(nn.Module):
         self.register_buffer("values", torch.zeros(0, dim))    # raw h_pos
         self.register_buffer("attn_values", torch.zeros(0, dim))  # Attn(h_pos, h_pos, h_pos)
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # first n_fit entries come from fit()
+        self.register_buffer("owner", torch.zeros(0, dtype=torch.long))   # the edit of each later entry
+        self.register_buffer("masked", torch.zeros(0, dtype=torch.bool))  # fitted entries of facts edits changed
         self.register_buffer("min_similarity", torch.tensor(-1.0))       # relevance gate (calibrate())
         self.index = Index(dim, chunk)      # the fitted keys' index (exact speed-ups of the searches)
         self.prune = True              # only relevant tokens retrieve (the others' α is 0 either way)
+        self.fitted_acts = True        # tokens about fitted knowledge are relevant too (`UniKEConfig.fitted_knowledge`)
         self.retrieved = (0, 0)        # (tokens that retrieved, tokens) in the last forward
+        self.last_alpha: Tensor | None = None   # α of the last forward (the first edited layer's is shared)
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
+    @property
+    def edits(self) -> int:
+        """How many edits own entries (the last owner + 1)."""
+        return int(self.owner.max()) + 1 if len(self.owner) else 0
+
     @torch.no_grad()
     def add(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"], v_pos: Float[Tensor, "n d"],
-            fitted: bool = False) -> None:
-        """Append entries: an edit's, or (`fitted`) more fitted ones, placed in the index as it is."""
+            fitted: bool = False, edit: int | None = None) -> None:
+        """Append entries: edit number `edit`'s (default: the next), or (`fitted`) more fitted ones, placed in
+        the index as it is."""
         keys = F.normalize(self.spaces.standardize(h_sem.float()), dim=-1).to(self.keys)
         if fitted:
             if len(self) != int(self.n_fit):
                 raise RuntimeError("fitted entries go before the edits' entries: reset() the editor first")
             self.n_fit += len(keys)
             self.index.extend(keys)
+            self.masked = torch.cat([self.masked, self.masked.new_zeros(len(keys))])
+        else:
+            edit = self.edits if edit is None else edit
+            self.owner = torch.cat([self.owner, self.owner.new_full((len(keys),), edit)])
         self.keys = torch.cat([self.keys, keys])
         self.values = torch.cat([self.values, h_pos.float().to(self.values)])
         self.attn_values = torch.cat([self.attn_values, v_pos.float().to(self.attn_values)])
 
     @torch.no_grad()
     def truncate(self, n: int) -> None:
-        """Keep the first n entries (n = n_fit drops the edits' entries; 0 empties the memory)."""
+        """Keep the first n entries (n = n_fit drops the edits' entries and their masks; 0 empties the memory)."""
         self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
         self.attn_values = self.attn_values[:n].clone()
         self.n_fit.clamp_(max=n)
+        self.owner = self.owner[:max(0, n - int(self.n_fit))].clone()
+        if n <= int(self.n_fit):
+            self.masked = self.masked.new_zeros(int(self.n_fit))
         self.index.truncate(n)
+
+    @torch.no_grad()
+    def mask(self, rows: Int[Tensor, " m"]) -> None:
+        """Leave fitted entries `rows` (facts an edit changed) out of retrieval until `truncate`/`reset`."""
+        self.masked = self.masked.index_fill(0, rows.to(self.masked.device), True)
 
     @torch.no_grad()
     def reindex(self) -> None:
         """Build the index of the fitted entries."""
         self.index.build(self.keys[:int(self.n_fit)], self.index_rank)
+
+    @torch.no_grad()
+    def scale_alpha(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"]) -> float:
+        """Set α's scale: the median cos(Enc_sem(h_pos,i), h_sem,i) of the fit samples' own pairs. The
+        contrastive loss fixes the ranking of these cosines, not their size (0.4–0.56 on the tiny model),
+        so a token about its retrieved knowledge gets α ≈ 1, as about its own sample."""
+        sp = self.spaces
+        own = F.cosine_similarity(sp.sem(sp.standardize(h_pos.float())), sp.standardize(h_sem.float()), dim=-1)
+        self.alpha.scale.fill_(float(own.median().clamp_min(1e-3)))
+        return float(self.alpha.scale)
 
     @torch.no_grad()
     def calibrate(self, h_sem: Float[Tensor, "n d"], other: Float[Tensor, "m d"],
@@ -125,47 +181,106 @@ class LatentMemory(nn.Module):
             return None
         dev = self.keys.device         # fit collects states on the CPU; the memory may live on a GPU
         self.min_similarity.fill_(float(torch.quantile(self.relevance(other.to(dev)), quantile)))
-        loo = self.index.matches(self._unit(h_sem.to(dev)), 2, self.keys, int(self.n_fit))[:, -1]
+        loo = self.index.matches(self.unit(h_sem.to(dev)), 2, self.keys, int(self.n_fit))[:, -1]
         return float((loo >= self.min_similarity).float().mean())
 
-    def _unit(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+    def unit(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+        """States standardised and normalised: what the memory matches."""
         return F.normalize(self.spaces.standardize(x.float()), dim=-1)
 
     def nearest(self, x: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
         """What pre-attention states x retrieve: their top-K cosines and memory indices (entry i < n_fit is
         the i-th fit triplet, later entries are the edits' in order)."""
-        return self.retrieve(self._unit(x))
+        return self.retrieve(self.unit(x))
 
     def retrieve(self, q: Float[Tensor, "n d"]) -> tuple[Float[Tensor, "n k"], Tensor]:
         """Exact top-K cosines and indices of unit-norm standardised queries q."""
         return self.index.retrieve(q, min(self.top_k, len(self)), self.keys, int(self.n_fit))
 
+    def fitted_top(self, q: Float[Tensor, "n d"]) -> Int[Tensor, "n k"]:
+        """The indices of the top-K unmasked fitted entries of unit-norm queries q (exact), ascending."""
+        n_fit, n_masked = int(self.n_fit), int(self.masked.sum())
+        k = min(self.top_k, n_fit - n_masked)
+        sims, idx = self.index.retrieve(q, min(k + n_masked + len(self) - n_fit, len(self)), self.keys, n_fit)
+        out = (idx >= n_fit) | self.masked[idx.clamp(max=n_fit - 1)]
+        return idx.gather(1, sims.masked_fill(out, float("-inf")).topk(k, dim=1).indices).sort(1).values
+
+    @torch.no_grad()
+    def decide(self, q: Float[Tensor, "n d"], gate: Bool[Tensor, "n e"] | None = None,
+               pending: Bool[Tensor, " n"] | None = None) -> Decision:
+        """Where the memory acts, for unit-norm standardised queries q: relevant tokens (best fitted match at
+        the gate; none unless `fitted_acts`) and open edits. `gate`: the router's g_e of the first `e` edits
+        (theirs then); `pending`: the gate the next edit will get (while it is trained); any other edit is
+        open where its entry is the best match and reaches the gate."""
+        n_fit, limit = int(self.n_fit), self.min_similarity
+        fitted = self.keys[:n_fit]
+        if not self.fitted_acts:
+            relevant = torch.zeros(len(q), dtype=torch.bool, device=q.device)
+        elif limit > -1:
+            relevant = self.index.relevant(q, fitted, n_fit, limit)
+        else:
+            relevant = torch.ones(len(q), dtype=torch.bool, device=q.device)
+        routed = 0 if gate is None else gate.shape[1]
+        opened = torch.zeros(len(q), max(self.edits, routed), dtype=torch.bool, device=q.device)
+        if routed:
+            opened[:, :routed] = gate.to(q.device)
+        if pending is not None and opened.shape[1] > routed:
+            opened[:, routed] = pending.to(q.device)
+            routed += 1
+        mine = self.owner >= routed                                 # the edits' entries not routed
+        if mine.any():
+            cos = q @ self.keys[n_fit:][mine].to(q).T
+            near = (cos >= limit).any(1)
+            if near.any() and n_fit:
+                best = cos.new_full((len(q), 1), float("-inf"))
+                best[near] = (self.index.matches(q[near], 1, fitted, n_fit) if len(self.index.basis)
+                              else (q[near] @ fitted.to(q).T).amax(1, keepdim=True))     # not indexed yet
+                cos = cos.masked_fill(cos < best, float("-inf"))
+            hit = (cos >= limit).float() @ F.one_hot(self.owner[mine], opened.shape[1]).float().to(q)
+            opened |= hit > 0
+        return Decision(relevant, opened)
+
     @torch.no_grad()
     def relevance(self, x: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
         """Pre-attention states' best match (in the index for fitted entries, by cosine for the edits'),
         the number the relevance gate `min_similarity` compares."""
-        return self.index.matches(self._unit(x), 1, self.keys, int(self.n_fit))[:, 0]
+        return self.index.matches(self.unit(x), 1, self.keys, int(self.n_fit))[:, 0]
 
-    def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"]) -> Float[Tensor, "b t d"]:
+    def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"],
+                decision: Decision | None = None) -> Float[Tensor, "b t d"]:
+        """The shifted attention output; `decision`: where to act, decided at the first edited layer (None:
+        decided here)."""
         if len(self) == 0:
             return h_attn
         shape, dtype = h_attn.shape, h_attn.dtype
         x_std = self.spaces.standardize(x.reshape(-1, shape[-1]).float())
         q = F.normalize(x_std, dim=-1)
-        n = q.shape[0]
-        if self.min_similarity > -1:
-            relevant = self.index.relevant(q, self.keys, int(self.n_fit), self.min_similarity).to(q.dtype)
-        else:                          # no gate (not calibrated): every token is relevant
-            relevant = q.new_ones(n)
-        rows = relevant.nonzero().squeeze(1) if self.prune else torch.arange(n, device=q.device)
+        n, n_fit = q.shape[0], int(self.n_fit)
+        if decision is None or len(decision.relevant) != n:
+            decision = self.decide(q)
+        opened = (decision.open[:, self.owner] if decision.open.shape[1] >= self.edits
+                  else q.new_zeros(n, len(self.owner), dtype=torch.bool))    # [n, edits' entries]
+        on = opened.any(1)
+        acts = decision.relevant | on
+        every = not self.prune or self.alpha.fixed is not None           # a fixed α acts on every token
+        rows = torch.arange(n, device=q.device) if every else acts.nonzero().squeeze(1)
         self.retrieved = (len(rows), n)
-        with torch.no_grad():
-            idx = self.retrieve(q[rows])[1].sort(1).values   # ascending: one summation order for any batch
+        fit_rows = ~on[rows] if n_fit > int(self.masked.sum()) else torch.zeros_like(rows, dtype=torch.bool)
+        with torch.no_grad():          # columns: the top-K fitted entries, then every edit's entry
+            top = q.new_zeros(len(rows), min(self.top_k, n_fit - int(self.masked.sum())), dtype=torch.long)
+            if fit_rows.any():
+                top[fit_rows] = self.fitted_top(q[rows][fit_rows])
+            idx = torch.cat([top, torch.arange(n_fit, len(self), device=q.device).expand(len(rows), -1)], 1)
+            use = torch.cat([fit_rows[:, None].expand_as(top), opened[rows]], 1)
         sims = torch.einsum("md,mkd->mk", q[rows], self.keys.to(q)[idx])    # differentiable in x when training
-        weights = torch.softmax(sims / self.temperature, dim=-1)
+        weights = torch.softmax((sims / self.temperature).masked_fill(~use, -1e9), dim=-1)   # finite: no NaN grads
+        weights = weights.masked_fill(~use.any(1, keepdim=True), 0.0)
         h_state = self.state(weights, self.values, idx, rows, n)
         enc_know = h_state.index_copy(0, rows, self.spaces.sem(self.spaces.standardize(h_state[rows])))
-        alpha = self.alpha(enc_know, x_std, relevant)
+        got = torch.zeros_like(acts).index_copy(0, rows, use.any(1))       # tokens that retrieved something
+        alpha = self.alpha(enc_know, x_std, (got if self.alpha.fixed is not None else got & acts).to(q.dtype),
+                           decision.alpha)
+        self.last_alpha = alpha.detach()
         h_know = self.know(weights, self.attn_values, idx, rows, n)
         a = alpha[:, None]
         shifted = (1 - a) * h_attn.reshape(-1, shape[-1]).float() + a * h_know

@@ -93,7 +93,8 @@ def restore(editor, meta: dict, state: dict[str, Tensor]) -> None:
 
 def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
     """What a state saved by an older version lacks or names otherwise: tensors named by module kind and
-    layer (renamed), empty `prompt_negatives` pools (the option's default), an empty router (routing then
+    layer (renamed), empty `prompt_negatives` pools (the option's default), α's scale (1), the memory's
+    masks (none) and its entries' edits (one entry per edit), an empty router (routing then
     off, with a warning) or one without its fit negatives' features (new edits then train against every
     negative, as before), ζ′ decoders (new edits without ζ′, with a warning) and, where the memory's index
     has no residuals, an empty index to be rebuilt from the saved keys after loading (the layers returned)."""
@@ -114,6 +115,11 @@ def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[i
             editor.config = replace(editor.config, route=False)
     if "router.radius" not in state and "router.has_image" in state:   # saved before per-edit image thresholds
         state["router.radius"] = torch.full((len(state["router.has_image"]),), editor.config.route_image)
+    for l in ids:   # saved before α had its scale, the memory its entries' edits and masks: raw cosines, no masks
+        state.setdefault(f"layers.{l}.memory.alpha.scale", torch.tensor(1.0))
+        n_fit, n = int(state.get(f"layers.{l}.memory.n_fit", 0)), len(state.get(f"layers.{l}.memory.keys", ()))
+        state.setdefault(f"layers.{l}.memory.masked", torch.zeros(n_fit, dtype=torch.bool))
+        state.setdefault(f"layers.{l}.memory.owner", torch.arange(n - n_fit))
     # a router saved before it kept its fit negatives' features: new edits train against every negative
     state = {**{f"router.{k}": v for k, v in EditRouter(d).state_dict().items()}, **state}
     index = [f"layers.{l}.memory.index.{k}" for l in ids for k in _INDEX]
@@ -159,11 +165,13 @@ def check_state(editor, state: dict[str, Tensor], n_edits: int) -> None:
     for l in editor.layer_ids:
         s = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"layers.{l}.")}
         sizes = {k: s[f"memory.{k}"].shape[0] for k in ("keys", "values", "attn_values")}
+        owned = len(s["memory.owner"]) + int(s["memory.n_fit"])
         neurons = [s["neurons.keys"].shape[1], len(s["neurons.bias"]), len(s["neurons.values"]),
                    len(s["neurons.zeta"]) * cfg.n_neurons]
         edits = len(s["neurons.zeta"]) if cfg.intrinsic else n_edits
         n_fit = int(s["memory.n_fit"])
-        if (len(set(sizes.values())) > 1 or n_fit > sizes["keys"]
+        if (len(set(sizes.values())) > 1 or n_fit > sizes["keys"] or owned != sizes["keys"]
+                or len(s["memory.masked"]) != n_fit
                 or {len(s["memory.index.coords"]), len(s["memory.index.residual"])} != {n_fit}
                 or s["memory.index.coords"].shape[1] != len(s["memory.index.basis"])
                 or len(set(neurons)) > 1 or edits != n_edits

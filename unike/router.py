@@ -42,6 +42,7 @@ class EditRouter(nn.Module):
         self.register_buffer("negatives", torch.zeros(0, dim))
         self.register_buffer("negative_images", torch.zeros(0, dim))
         self.register_buffer("negative_has", torch.zeros(0, dtype=torch.bool))
+        self.register_buffer("rows", torch.zeros(0, dtype=torch.long))   # their fit rows (memory entries)
 
     @property
     def edits(self) -> int:
@@ -56,6 +57,7 @@ class EditRouter(nn.Module):
         self.image_mean = images[has].mean(0).to(self.mean) if has.any() else self.mean.new_zeros(0)
         self.negatives = self.standardize(questions[picks].to(self.mean))
         self.negative_has = has[picks].to(self.mean.device)
+        self.rows = picks.to(self.mean.device)
         self.negative_images = (self.image_code(images[picks].to(self.mean)) * self.negative_has[:, None]
                                 if has.any() else torch.zeros_like(self.negatives))
         self.truncate(0)
@@ -112,9 +114,11 @@ class EditRouter(nn.Module):
 
     @torch.no_grad()
     def reaches(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, z: Float[Tensor, "m d"],
-                codes: Float[Tensor, "m d"] | None = None, has: Bool[Tensor, " m"] | None = None) -> Bool[Tensor, " m"]:
-        """Where a new edit (its target states and image) would be let through: at standardised states z of
-        prompts with image codes `codes` (`has`: which have an image; None: the edit's own prompt)."""
+                codes: Float[Tensor, "m d"] | None = None, has: Bool[Tensor, " m"] | None = None,
+                radius: float | None = None) -> Bool[Tensor, " m"]:
+        """Where a new edit (its target states and image, its image threshold `radius`, None: τ_img) would be
+        let through: at standardised states z of prompts with image codes `codes` (`has`: which have an
+        image; None: the edit's own prompt)."""
         keys, code, seen, is_open = self.entry(targets, image)
         z = z.to(keys)
         if is_open:
@@ -122,19 +126,29 @@ class EditRouter(nn.Module):
         near = (z @ keys.T >= self.tau_question).any(-1)
         if not seen or codes is None:
             return near
-        return near & has.to(near.device) & (codes.to(code) @ code >= self.tau_image)
+        return near & has.to(near.device) & (codes.to(code) @ code >= (self.tau_image if radius is None else radius))
 
     def negative_scope(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, fit: int,
-                       prompt: Float[Tensor, "r d"], extra: int) -> Bool[Tensor, " m"]:
+                       prompt: Float[Tensor, "r d"], extra: int, radius: float | None = None) -> Bool[Tensor, " m"]:
         """Which of a new edit's negatives its gate will reach, in `train_neurons`' order: the `fit`
         negatives, the earlier edits' target positions, the edit's own prompt positions (raw states), and
         `extra` ones (counted as reached). Negatives whose features this router lacks (a state saved before
-        it kept them) count as reached."""
-        fit_ok = (self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has)
+        it kept them) count as reached. `radius`: the edit's image threshold."""
+        fit_ok = (self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius)
                   if len(self.negatives) == fit else torch.ones(fit, dtype=torch.bool, device=self.keys.device))
-        earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner])
+        earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner], radius)
         own = self.reaches(targets, image, self.standardize(prompt.to(self.keys.device)))
         return torch.cat([fit_ok, earlier, own, torch.ones(extra, dtype=torch.bool, device=own.device)])
+
+    @torch.no_grad()
+    def changed(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None,
+                radius: float | None = None) -> Tensor:
+        """The fit rows (memory entries) a new edit's gate reaches, whose facts it changes; none where the
+        router lacks their features or the gate would reach every one (an edit at the fit mean)."""
+        if not len(self.rows) or len(self.rows) != len(self.negatives):
+            return self.rows[:0]
+        hit = self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius)
+        return self.rows[:0] if hit.all() else self.rows[hit]
 
     @torch.no_grad()
     def truncate(self, edits: int) -> None:

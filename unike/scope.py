@@ -24,6 +24,7 @@ class Scope:
         self.router, self.switch, self.image_token = router, switch, image_token
         self.call: tuple = (None, None)                  # (input_ids, KV cache) of the current call
         self.images = weakref.WeakKeyDictionary()       # a KV cache -> its prompts' image codes
+        self.pending: tuple | None = None   # (target states, image, radius) of the edit being trained
 
     def attach(self, model: nn.Module, block: nn.Module, hooks: Hooks) -> None:
         hooks.pre(block, self._gate, with_kwargs=True)
@@ -37,15 +38,34 @@ class Scope:
         self.call = (kwargs.get("input_ids", args[0] if args else None), cache)
 
     def _gate(self, module, args, kwargs):
-        self.switch.gate = self.route(args[0] if args else kwargs["hidden_states"])
+        x = args[0] if args else kwargs["hidden_states"]
+        self.switch.gate = self.route(x)
+        self.switch.pending = self.pending_gate(x)
 
     def route(self, x: Float[Tensor, "b t d"]) -> Bool[Tensor, "b t e"] | None:
         """g_e at every position of x (the first edited layer's input), or None where nothing is gated."""
         cfg = self.switch.config
-        if not (self.switch.enabled and cfg.route and cfg.intrinsic and self.router.edits):
+        if not (self.switch.enabled and cfg.route and (cfg.intrinsic or cfg.latent) and self.router.edits):
             return None
         image, has = self.image_codes(x)
         return follow(self.router, x)(x, image, has)
+
+    def pending_gate(self, x: Float[Tensor, "b t d"]) -> Bool[Tensor, "b t"] | None:
+        """The gate the edit being trained will get once committed (`EditRouter.reaches` at every position of
+        x), so that its memory entry opens during training where it will open after; None when no edit is
+        being trained or routing is off."""
+        cfg = self.switch.config
+        if self.pending is None or not (self.switch.enabled and cfg.route):
+            return None
+        targets, image, radius = self.pending
+        codes, has = self.image_codes(x)
+        b, t = x.shape[:2]
+        z = self.router.standardize(x.reshape(b * t, -1))
+        if codes is None or not len(self.router.image_mean):
+            codes = has = None                      # no image test (as `EditRouter.forward`)
+        else:                          # the prompts' mean image states, as the router's codes, for each position
+            codes, has = self.router.image_code(codes).repeat_interleave(t, 0), has.repeat_interleave(t, 0)
+        return self.router.reaches(targets, image, z, codes, has, radius).reshape(b, t)
 
     def image_codes(self, x: Float[Tensor, "b t d"]) -> tuple[Tensor | None, Tensor | None]:
         """The prompts' image codes and which prompts have one; (None, None) where the model does not mark

@@ -91,12 +91,12 @@ def violation(z: Tensor, margin: float) -> Tensor:
 def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniKEConfig, inputs: dict[str, Tensor],
                   states: dict[int, BatchStates], at: Bool[Tensor, "b t"],
                   extra: dict[int, Tensor] | None = None, router: EditRouter | None = None,
-                  progress: bool = False) -> dict[str, float]:
+                  progress: bool = False, radius: float | None = None) -> dict[str, float]:
     """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
     Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
     the edit's own prompt positions and `extra` (other questions over the edit's image). With the `router`
-    that will gate the edit, the neurons train against (and stop on) the negatives its gate reaches only:
-    elsewhere the gate keeps them silent."""
+    that will gate the edit (and the edit's image threshold `radius`), the neurons train against (and stop
+    on) the negatives its gate reaches only: elsewhere the gate keeps them silent."""
     cfg, labels = config, inputs["labels"]
     pos_mask = target_positions(labels)                       # positions that predict target tokens
     neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
@@ -109,7 +109,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     if router is not None:
         l0 = min(layers)                                      # the router's layer
         reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
-                                      states[l0].x[neg_mask], len(extra[l0]) if extra else 0).to(keep.device)
+                                      states[l0].x[neg_mask], len(extra[l0]) if extra else 0, radius).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
     negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
     for l, layer in layers.items():
