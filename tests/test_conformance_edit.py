@@ -51,3 +51,36 @@ def test_fit_edit_generate_detach(name):
         assert torch.equal(model(**inputs).logits, before)
     assert hooks_of(model) == hooks and list(model.state_dict()) == keys
     editor.detach()                                      # idempotent
+
+
+@pytest.mark.parametrize("name", sorted(set(ARCHS) - ENCODER_DECODER))
+def test_heads_reading_acts_and_detaches(name):
+    """`latent_read="heads"`: where the attention module dispatches through transformers' AttentionInterface,
+    the fitted entries keep the layer's key and value per key head and a fixed α reads them in every head;
+    disabled() and detach() give the unedited logits back bit for bit and the module its config. Elsewhere
+    a warning says the output shift reads them."""
+    arch = ARCHS[name]()
+    model, inputs = arch.model, arch.inputs
+    with torch.no_grad():
+        before = model(**inputs).logits.clone()
+    stack = unike.locate(model)
+    n = len(stack)
+    configs = [stack[i].attn.config if hasattr(stack[i].attn, "config") else None for i in range(n)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        editor = unike.UniKE(model, None, unike.UniKEConfig(layers=min(2, n), encoder_steps=3, min_triplets=8,
+                                                              latent_read="heads", fixed_alpha=0.5))
+    reads = [editor.layers[l].reads_heads for l in editor.layer_ids]
+    assert all(reads) or any("AttentionInterface" in str(w.message) for w in caught)
+    editor.fit_inputs(fit_pairs(inputs, 8), progress=False)
+    with torch.no_grad():
+        for l in editor.layer_ids:
+            width = editor.memory[l].head_keys.shape[1]
+            assert (width > 0) == editor.layers[l].reads_heads
+        assert not torch.equal(model(**inputs).logits, before)          # read in every head (or shifted)
+        with editor.disabled():
+            assert torch.equal(model(**inputs).logits, before)
+    editor.detach()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert all(getattr(stack[i].attn, "config", None) is c for i, c in enumerate(configs))

@@ -18,12 +18,13 @@ from unike.prompting import collate, encode, pad_id_of
 ATOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def edited():
+@pytest.fixture(scope="module", params=["shift", "heads"])
+def edited(request):
+    """Three edited cases, the memory read by the output shift or by the attention heads."""
     model, processor = unike.load_tiny()
     world = unike.SynthWorld(seed=0)
     cases = world.edit_cases("vqa", n=2, seed=5) + world.edit_cases("caption", n=1, seed=6)
-    editor = unike.UniKE(model, processor, unike.UniKEConfig(**FAST))
+    editor = unike.UniKE(model, processor, unike.UniKEConfig(**FAST, latent_read=request.param))
     editor.fit(world.triplets(n=32, seed=3), progress=False)
     for case in cases:
         editor.edit(case)

@@ -27,7 +27,9 @@ class FitStates:
 
     `layers[l]` maps each key to a tensor: h_sem, h_pos, h_neg [n, d] (pre-attention states at the
     question's last token and at the final token of question + right / wrong answer), v_pos [n, d]
-    (Attn(h_pos, h_pos, h_pos)), q [n, d] (the FFN input at the question's last token), q_ans [m, d]
+    (Attn(h_pos, h_pos, h_pos)), k_head, v_head [n, c] (the layer's key and value of h_pos per key head at
+    position 0; c = 0 where the attention module does not dispatch through the AttentionInterface), q [n, d]
+    (the FFN input at the question's last token), q_ans [m, d]
     (FFN inputs inside the answers and at their final token), other [o, d] (ordinary prompt tokens'
     pre-attention states, for the relevance gate) and q_other [p, d] (FFN inputs at every 7th image
     token, for `prompt_negatives`; empty unless the collecting editor's config sets it).
@@ -36,7 +38,8 @@ class FitStates:
     `questions`: the image questions (for image negatives).
     """
 
-    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "q", "q_ans", "other", "q_other", "img", "has_img")
+    KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "k_head", "v_head", "q", "q_ans", "other", "q_other", "img",
+            "has_img")
     layers: dict[int, dict[str, Tensor]]
     questions: list[str] = field(default_factory=list)
     trained: dict = field(default_factory=dict, repr=False)   # spaces trained on these states, per setting
@@ -125,12 +128,16 @@ class Collector:
         return out
 
     @torch.no_grad()
-    def attn_values(self, l: int, h: Float[Tensor, "n d"], inputs: dict[str, Tensor]) -> Float[Tensor, "n d"]:
-        """Attn(h, h, h) of layer l for each row's state h: `inputs` (one row per state) runs again with
-        every position's state entering layer l set to that row's h. Attention then averages identical
-        values, whatever its weights, positions or mask, so its output is o_proj(v_proj(norm(h))) — the
-        value of a knowledge token — for any architecture, without knowing its projection names."""
-        block, attn = self.stack[l].block, self.stack[l].attn
+    def attn_values(self, l: int, h: Float[Tensor, "n d"], inputs: dict[str, Tensor],
+                    ) -> tuple[Float[Tensor, "n d"], Float[Tensor, "n c"], Float[Tensor, "n c"]]:
+        """Attn(h, h, h) of layer l for each row's state h, and h's key and value in the layer's heads at
+        position 0 (width 0 where the attention module does not dispatch through the AttentionInterface):
+        `inputs` (one row per state) runs again with every position's state entering layer l set to that
+        row's h. Attention then averages identical values, whatever its weights, positions or mask, so its
+        output is o_proj(v_proj(norm(h))) — the value of a knowledge token — for any architecture, without
+        knowing its projection names; `unike.reading` reads the key and value at the first position, where
+        rotary embeddings are the identity."""
+        block, attn, layer = self.stack[l].block, self.stack[l].attn, self.layers[l]
         out = []
 
         class Done(Exception):
@@ -147,14 +154,19 @@ class Collector:
             out.append(o.reshape(len(h), -1, o.shape[-1])[:, -1].float())
             raise Done
 
-        with Hooks() as hooks, self.disabled():
-            hooks.pre(block, put, with_kwargs=True, prepend=True)
-            hooks.forward(attn, take, prepend=True)
-            try:
-                self.model(**{k: v for k, v in inputs.items() if k != "labels"})
-            except Done:
-                pass
-        return out[0].to(h)
+        layer.captured = []
+        try:
+            with Hooks() as hooks, self.disabled():
+                hooks.pre(block, put, with_kwargs=True, prepend=True)
+                hooks.forward(attn, take, prepend=True)
+                try:
+                    self.model(**{k: v for k, v in inputs.items() if k != "labels"})
+                except Done:
+                    pass
+            heads = layer.captured[0] if layer.captured else (h.new_zeros(len(h), 0),) * 2
+        finally:
+            layer.captured = None
+        return out[0].to(h), heads[0].to(h), heads[1].to(h)
 
     def collect(self, pairs: Iterable[tuple[dict, dict]], prepare, *, prompt_negatives: bool,
                 total: int | None = None, progress: bool = True) -> FitStates:
@@ -174,7 +186,8 @@ class Collector:
             inside[rows, answer_end_index(pos["input_ids"], pos["attention_mask"], pos["labels"], eos)] = True  # and
             # its end, which predicts the end of the answer: an edit must not fire there, or answers run on
             for l, st in self.states(pos).items():
-                found = {"h_sem": st.h_sem, "h_pos": st.h_pos, "v_pos": self.attn_values(l, st.h_pos, pos),
+                v_pos, k_head, v_head = self.attn_values(l, st.h_pos, pos)
+                found = {"h_sem": st.h_sem, "h_pos": st.h_pos, "v_pos": v_pos, "k_head": k_head, "v_head": v_head,
                          "q": st.q[rows, sem], "q_ans": st.q[inside], "other": st.x[other][::7], "img": st.img,
                          "has_img": st.has_img}
                 if prompt_negatives:                              # other images' patches

@@ -10,6 +10,7 @@ from beartype import BeartypeConf
 from beartype.door import is_bearable
 
 ZETA_CHOICES = ("truthful", "semantic", "random", "none")
+READ_CHOICES = ("shift", "heads")
 _TOWER = BeartypeConf(is_pep484_tower=True)     # an int is a float, as in Python's numeric tower
 
 
@@ -57,6 +58,8 @@ class UniKEConfig:
     scoped_negatives: bool = False       # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True
+    latent_read: str = "shift"           # "heads": each head attends over the retrieved entries' own keys and
+                                         # values (unike.reading); "shift": one value for every head (ours)
     top_k: int = 40                      # paper: 40
     temperature: float = 0.1
     write_edit_to_memory: bool = True
@@ -92,6 +95,8 @@ class UniKEConfig:
                 raise ValueError(f"UniKEConfig: {', '.join(bad)} must be {rule}")
         if self.zeta not in ZETA_CHOICES:
             raise ValueError(f"zeta must be one of {ZETA_CHOICES}, not {self.zeta!r}")
+        if self.latent_read not in READ_CHOICES:
+            raise ValueError(f"latent_read must be one of {READ_CHOICES}, not {self.latent_read!r}")
         if not (self.intrinsic or self.latent):
             raise ValueError("intrinsic and latent are both off: nothing would be edited; enable one")
         bad = [f"{n}={getattr(self, n)}" for n in ("route_question", "route_image", "route_image_max")

@@ -238,8 +238,8 @@ class UniKE:
             radius = self.router.lookalike_radius(first.x[at], first.image, apart)
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:
             for l, st in states.items():
-                v_pos = self.collector.attn_values(l, st.h_pos, inputs)
-                self.memory[l].add(st.h_sem, st.h_pos, v_pos, edit=self.n_edits)
+                v_pos, k_head, v_head = self.collector.attn_values(l, st.h_pos, inputs)
+                self.memory[l].add(st.h_sem, st.h_pos, v_pos, edit=self.n_edits, heads=(k_head, v_head))
         info = {"steps": 0, "loss": 0.0}
         if cfg.intrinsic:
             extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
@@ -277,7 +277,7 @@ class UniKE:
             for name, _ in layer.named_parts(self._extra(l)):
                 if hasattr(self.stack[l].block, name):
                     delattr(self.stack[l].block, name)
-            layer.x = layer.q = None
+            layer.release(self.stack[l])
         self.scope.detach()
         self.hooks = None
         return self.model

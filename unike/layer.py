@@ -10,6 +10,7 @@ router: its parameters and buffers are the editor's whole state.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from .locate import Layer
 from .memory import Decision, LatentMemory
 from .neurons import NeuronPatch
 from .prompting import device_of
+from .reading import install, read_heads, uninstall
 from .router import EditRouter
 from .spaces import Spaces, zeta_variant
 
@@ -75,6 +77,8 @@ class EditedLayer(nn.Module):
         self.register_buffer("edited", torch.zeros(0, dim))             # earlier edits' target positions
         self.x: Tensor | None = None        # the block's input in the current forward
         self.q: Tensor | None = None        # the FFN's input
+        self.captured: list | None = None   # set by `Collector.attn_values`: the heads' keys and values of h_pos
+        self.reads_heads = False            # the attention module calls `_read` (`unike.reading`)
 
     @torch.no_grad()
     def fit(self, st: dict[str, Tensor], picks: tuple[Tensor, Tensor], gen: torch.Generator,
@@ -85,7 +89,12 @@ class EditedLayer(nn.Module):
         cfg = self.switch.config
         self.spaces.to(device)
         self.memory.truncate(0)
-        self.memory.add(st["h_sem"], st["h_pos"], st["v_pos"], fitted=True)
+        heads = (st["k_head"], st["v_head"]) if self.reads_heads and "k_head" in st else None
+        if self.reads_heads and (heads is None or not heads[0].shape[1]):
+            warnings.warn("these states were collected without the attention heads' keys and values (by an editor "
+                          "with latent_read='shift'): the memory is read by the output shift; collect them with "
+                          "this editor to read it by the heads", stacklevel=4)
+        self.memory.add(st["h_sem"], st["h_pos"], st["v_pos"], fitted=True, heads=heads)
         self.memory.calibrate(st["h_sem"], st["other"], cfg.relevance_quantile)
         self.memory.scale_alpha(st["h_sem"].to(device), st["h_pos"].to(device))
         self.negatives, self.answer_negatives = st["q"][picks[0]], st["q_ans"][picks[1]]
@@ -111,8 +120,19 @@ class EditedLayer(nn.Module):
             layer.block.add_module(name, mod.to(dev))
         hooks.pre(layer.block, self._record_x, with_kwargs=True)
         hooks.forward(layer.attn, self._shift)
+        if self.switch.config.latent_read == "heads":
+            self.reads_heads = install(layer.attn, self._read)
+            if not self.reads_heads:
+                warnings.warn(f"layer {self.index}'s attention ({type(layer.attn).__name__}) does not take its "
+                              "attention function from transformers' AttentionInterface: its latent knowledge "
+                              "is read by the output shift (latent_read='shift')", stacklevel=4)
         hooks.pre(layer.mlp_in, self._record_q, with_kwargs=True)
         hooks.forward(layer.mlp, self._add_neurons)
+
+    def release(self, layer: Layer) -> None:
+        """Undo `attach`'s change to the attention module (its hooks go with `Hooks.remove`)."""
+        uninstall(layer.attn)
+        self.reads_heads, self.x, self.q = False, None, None
 
     def named_parts(self, extra: dict[str, nn.Module]) -> tuple[tuple[str, nn.Module], ...]:
         return (("unike_memory", self.memory), ("unike_neurons", self.neurons), *extra.items())
@@ -125,25 +145,67 @@ class EditedLayer(nn.Module):
     def _record_q(self, module, args, kwargs):
         self.q = args[0] if args else next(iter(kwargs.values()))
 
+    def _acts(self) -> bool:
+        return self.switch.enabled and self.switch.config.latent and len(self.memory) > 0
+
+    def _heads(self) -> bool:
+        """Whether the memory is read by the attention heads (`latent_read="heads"`, and they can)."""
+        return (self.switch.config.latent_read == "heads" and self.reads_heads
+                and self.memory.head_keys.shape[1] > 0)
+
+    @contextlib.contextmanager
+    def _deciding(self, memory: LatentMemory, x: Tensor):
+        """Around one memory pass over x: the first edited layer first decides where every layer's memory
+        acts (on states no edit has moved), and after it, α with it."""
+        if self.decides:
+            gate, pending, flat = self.switch.gate, self.switch.pending, x.reshape(-1, x.shape[-1])
+            memory.fitted_acts = self.switch.config.fitted_knowledge
+            self.switch.decision = memory.decide(memory.unit(flat),
+                                                 None if gate is None else gate.reshape(-1, gate.shape[-1]),
+                                                 None if pending is None else pending.reshape(-1))
+        yield self.switch.decision
+        if self.decides:
+            self.switch.decision = self.switch.decision._replace(alpha=memory.last_alpha)
+
     def _shift(self, module, args, output):
-        memory = self.memory
-        if not (self.switch.enabled and self.switch.config.latent and len(memory)):
+        if not self._acts() or self._heads():
             return None
         h = first(output)
         x = self.x.to(h.device)        # the block's input may arrive from another device (device_map)
         if x.shape != h.shape:
             return None                # e.g. cross-attention layers whose output is not per input token
-        memory = follow(memory, h)
-        if self.decides:               # states no edit has moved: where every layer's memory acts
-            gate, pending = self.switch.gate, self.switch.pending
-            memory.fitted_acts = self.switch.config.fitted_knowledge
-            self.switch.decision = memory.decide(memory.unit(x.reshape(-1, x.shape[-1])),
-                                                 None if gate is None else gate.reshape(-1, gate.shape[-1]),
-                                                 None if pending is None else pending.reshape(-1))
-        shifted = memory(h, x, self.switch.decision)
-        if self.decides and self.switch.decision is not None:   # α too is decided here, on unmoved states
-            self.switch.decision = self.switch.decision._replace(alpha=memory.last_alpha)
+        memory = follow(self.memory, h)
+        with self._deciding(memory, x) as decision:
+            shifted = memory(h, x, decision)
         return _replace_output(output, shifted)
+
+    def _read(self, query: Tensor, key: Tensor, value: Tensor, out: Tensor, scaling: float) -> Tensor:
+        """Called by the attention function with the heads' query [b, h, t, e], key and value [b, g, s, e]
+        and output [b, t, h, e]: keeps the key and value at position 0 for `Collector.attn_values`, or mixes
+        each head's attention over the retrieved entries into its output (`unike.reading`)."""
+        if self.captured is not None:
+            self.captured.append((key[:, :, 0].flatten(1).float(), value[:, :, 0].flatten(1).float()))
+            return out
+        if not (self._acts() and self._heads()):
+            return out
+        b, t, h, e = out.shape
+        x = self.x.to(out.device)
+        if x.shape[:2] != (b, t):
+            return out
+        memory = follow(self.memory, out)
+        with self._deciding(memory, x) as decision:
+            r = memory.select(x.reshape(-1, x.shape[-1]), decision)
+        if not len(r.rows):
+            return out
+        g = key.shape[1]
+        q = query.transpose(1, 2).reshape(b * t, h, e)[r.rows].float()
+        m, k = r.idx.shape
+        know = read_heads(q, memory.head_keys[r.idx].view(m, k, g, e), memory.head_values[r.idx].view(m, k, g, e),
+                          r.use, scaling)
+        flat = out.reshape(b * t, h, e).float()
+        a = r.alpha[r.rows][:, None, None]
+        mixed = flat.index_copy(0, r.rows, (1 - a) * flat[r.rows] + a * know)
+        return mixed.reshape(out.shape).to(out.dtype)
 
     def _add_neurons(self, module, args, output):
         patch, gate = self.neurons, self.switch.gate

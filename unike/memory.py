@@ -65,6 +65,17 @@ class Decision(NamedTuple):
     alpha: Float[Tensor, " n"] | None = None
 
 
+class Retrieval(NamedTuple):
+    """What the tokens that retrieve (`rows`) retrieved: memory indices, which of them count, their
+    similarity weights, and every token's α."""
+
+    rows: Int[Tensor, " m"]
+    idx: Int[Tensor, "m k"]
+    use: Bool[Tensor, "m k"]
+    weights: Float[Tensor, "m k"]
+    alpha: Float[Tensor, " n"]
+
+
 class Alpha(nn.Module):
     """α per token: clamp(cos(Enc_sem(h_know), x) / s, 0, 1), s the median cosine of the fit samples' own
     pairs (`scale`, set by `fit`); or α as decided at the first edited layer (`given`); or a fixed value.
@@ -100,6 +111,10 @@ class LatentMemory(nn.Module):
         self.register_buffer("keys", torch.zeros(0, dim))      # standardised, unit-norm h_sem
         self.register_buffer("values", torch.zeros(0, dim))    # raw h_pos
         self.register_buffer("attn_values", torch.zeros(0, dim))  # Attn(h_pos, h_pos, h_pos)
+        # the layer's own key and value of h_pos at position 0, every key head's side by side (`unike.reading`;
+        # width 0 where the attention module does not dispatch through transformers' AttentionInterface)
+        self.register_buffer("head_keys", torch.zeros(0, 0))
+        self.register_buffer("head_values", torch.zeros(0, 0))
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # first n_fit entries come from fit()
         self.register_buffer("owner", torch.zeros(0, dtype=torch.long))   # the edit of each later entry
         self.register_buffer("masked", torch.zeros(0, dtype=torch.bool))  # fitted entries of facts edits changed
@@ -120,9 +135,17 @@ class LatentMemory(nn.Module):
 
     @torch.no_grad()
     def add(self, h_sem: Float[Tensor, "n d"], h_pos: Float[Tensor, "n d"], v_pos: Float[Tensor, "n d"],
-            fitted: bool = False, edit: int | None = None) -> None:
+            fitted: bool = False, edit: int | None = None,
+            heads: tuple[Float[Tensor, "n c"], Float[Tensor, "n c"]] | None = None) -> None:
         """Append entries: edit number `edit`'s (default: the next), or (`fitted`) more fitted ones, placed in
-        the index as it is."""
+        the index as it is; `heads`: their keys and values in the layer's attention heads (or none)."""
+        width = self.head_keys.shape[1]
+        if heads is None or (len(self) and not width):          # a memory without them stays without
+            if heads is None and len(self) and width:
+                raise ValueError("this memory keeps its entries' head keys and values: pass heads=(keys, values)")
+            heads = (h_sem.new_zeros(len(h_sem), 0),) * 2
+        elif len(self) and heads[0].shape[1] != width:
+            raise ValueError(f"head keys of width {heads[0].shape[1]} for a memory whose entries have {width}")
         keys = F.normalize(self.spaces.standardize(h_sem.float()), dim=-1).to(self.keys)
         if fitted:
             if len(self) != int(self.n_fit):
@@ -136,12 +159,17 @@ class LatentMemory(nn.Module):
         self.keys = torch.cat([self.keys, keys])
         self.values = torch.cat([self.values, h_pos.float().to(self.values)])
         self.attn_values = torch.cat([self.attn_values, v_pos.float().to(self.attn_values)])
+        if self.head_keys.shape[1] != heads[0].shape[1]:       # an empty memory takes the width it is given
+            self.head_keys = self.head_values = self.keys.new_zeros(0, heads[0].shape[1])
+        self.head_keys = torch.cat([self.head_keys, heads[0].float().to(self.keys.device)])
+        self.head_values = torch.cat([self.head_values, heads[1].float().to(self.keys.device)])
 
     @torch.no_grad()
     def truncate(self, n: int) -> None:
         """Keep the first n entries (n = n_fit drops the edits' entries and their masks; 0 empties the memory)."""
         self.keys, self.values = self.keys[:n].clone(), self.values[:n].clone()
         self.attn_values = self.attn_values[:n].clone()
+        self.head_keys, self.head_values = self.head_keys[:n].clone(), self.head_values[:n].clone()
         self.n_fit.clamp_(max=n)
         self.owner = self.owner[:max(0, n - int(self.n_fit))].clone()
         if n <= int(self.n_fit):
@@ -246,14 +274,10 @@ class LatentMemory(nn.Module):
         the number the relevance gate `min_similarity` compares."""
         return self.index.matches(self.unit(x), 1, self.keys, int(self.n_fit))[:, 0]
 
-    def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"],
-                decision: Decision | None = None) -> Float[Tensor, "b t d"]:
-        """The shifted attention output; `decision`: where to act, decided at the first edited layer (None:
-        decided here)."""
-        if len(self) == 0:
-            return h_attn
-        shape, dtype = h_attn.shape, h_attn.dtype
-        x_std = self.spaces.standardize(x.reshape(-1, shape[-1]).float())
+    def select(self, x: Float[Tensor, "n d"], decision: Decision | None = None) -> Retrieval:
+        """What each token of x (pre-attention states) retrieves and its α; `decision`: where to act, decided at
+        the first edited layer (None: decided here)."""
+        x_std = self.spaces.standardize(x.float())
         q = F.normalize(x_std, dim=-1)
         n, n_fit = q.shape[0], int(self.n_fit)
         if decision is None or len(decision.relevant) != n:
@@ -281,7 +305,16 @@ class LatentMemory(nn.Module):
         alpha = self.alpha(enc_know, x_std, (got if self.alpha.fixed is not None else got & acts).to(q.dtype),
                            decision.alpha)
         self.last_alpha = alpha.detach()
-        h_know = self.know(weights, self.attn_values, idx, rows, n)
-        a = alpha[:, None]
+        return Retrieval(rows, idx, use, weights, alpha)
+
+    def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"],
+                decision: Decision | None = None) -> Float[Tensor, "b t d"]:
+        """The shifted attention output (Eq. 7): (1 − α)·h_attn + α·Σ w v per token."""
+        if len(self) == 0:
+            return h_attn
+        shape, dtype = h_attn.shape, h_attn.dtype
+        r = self.select(x.reshape(-1, shape[-1]), decision)
+        h_know = self.know(r.weights, self.attn_values, r.idx, r.rows, len(r.alpha))
+        a = r.alpha[:, None]
         shifted = (1 - a) * h_attn.reshape(-1, shape[-1]).float() + a * h_know
         return shifted.reshape(shape).to(dtype)

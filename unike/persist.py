@@ -94,7 +94,8 @@ def restore(editor, meta: dict, state: dict[str, Tensor]) -> None:
 def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
     """What a state saved by an older version lacks or names otherwise: tensors named by module kind and
     layer (renamed), empty `prompt_negatives` pools (the option's default), α's scale (1), the memory's
-    masks (none) and its entries' edits (one entry per edit), an empty router (routing then
+    masks (none), its entries' edits (one entry per edit) and head keys (none: read by the output shift),
+    an empty router (routing then
     off, with a warning) or one without its fit negatives' features (new edits then train against every
     negative, as before), ζ′ decoders (new edits without ζ′, with a warning) and, where the memory's index
     has no residuals, an empty index to be rebuilt from the saved keys after loading (the layers returned)."""
@@ -120,6 +121,8 @@ def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[i
         n_fit, n = int(state.get(f"layers.{l}.memory.n_fit", 0)), len(state.get(f"layers.{l}.memory.keys", ()))
         state.setdefault(f"layers.{l}.memory.masked", torch.zeros(n_fit, dtype=torch.bool))
         state.setdefault(f"layers.{l}.memory.owner", torch.arange(n - n_fit))
+        state.setdefault(f"layers.{l}.memory.head_keys", torch.zeros(n, 0))     # read by the output shift only
+        state.setdefault(f"layers.{l}.memory.head_values", torch.zeros(n, 0))
     # a router saved before it kept its fit negatives' features: new edits train against every negative
     state = {**{f"router.{k}": v for k, v in EditRouter(d).state_dict().items()}, **state}
     index = [f"layers.{l}.memory.index.{k}" for l in ids for k in _INDEX]
@@ -164,7 +167,7 @@ def check_state(editor, state: dict[str, Tensor], n_edits: int) -> None:
     cfg = editor.config
     for l in editor.layer_ids:
         s = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"layers.{l}.")}
-        sizes = {k: s[f"memory.{k}"].shape[0] for k in ("keys", "values", "attn_values")}
+        sizes = {k: s[f"memory.{k}"].shape[0] for k in ("keys", "values", "attn_values", "head_keys", "head_values")}
         owned = len(s["memory.owner"]) + int(s["memory.n_fit"])
         neurons = [s["neurons.keys"].shape[1], len(s["neurons.bias"]), len(s["neurons.values"]),
                    len(s["neurons.zeta"]) * cfg.n_neurons]
