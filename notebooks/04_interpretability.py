@@ -220,3 +220,11 @@ for name, logits in results.items():
     print(f"{name:{width}}  {tokenizer.decode(p.argmax()):>12}  {p[target]:10.3f}  {p[original]:11.3f}  {moved:13.3f}")
 editor.detach()
 print("detached")
+
+# %% [markdown]
+# Read the table row by row. In the published run, forcing $\alpha = 0$ gives the unedited answer back
+# even though the new neurons are still in place: they were trained on the states that the shift of the
+# edit's own knowledge produces at its question (where $\alpha \approx 1$), so without the shift they no
+# longer fire. The two kinds of knowledge act as one edit. With the neurons off, the shift alone moves
+# the answer, but not to the target: this tiny model does not read in-context knowledge the way a real
+# VLM does. Scaling $\zeta'$ moves the logits only a little.
