@@ -47,16 +47,18 @@ def test_an_edit_trains_against_the_negatives_its_gate_reaches():
     r.fit(questions, images, has, picks)
     r.add(questions[:2] + 0.1, images[0])                             # an earlier edit
     targets = questions[picks[:3]] + 0.3 * torch.randn(3, 8, generator=gen)
-    image, prompt = images[picks[0]], questions[5:9]
-    scope = r.negative_scope(targets, image, 40, prompt, extra=2)
+    image, prompt, extra = images[picks[0]], questions[5:9], questions[picks[:3]]     # extra: over its image
+    scope = r.negative_scope(targets, image, 40, prompt, extra=extra)
     r.add(targets, image)
     fit = r(questions[picks][:, None], images[picks], has[picks])[:, 0, -1]
     same_image = r.image_code(images[0]) @ r.images[-1] >= 0.1
     earlier = r(r.keys[:2, None] * r.std + r.mean, None, None)[:, 0, -1] & same_image
     own = r(prompt[None], images[picks[0]][None], torch.tensor([True]))[0, :, -1]
-    assert torch.equal(scope, torch.cat([fit, earlier, own, torch.ones(2, dtype=torch.bool)]))
+    over = r(extra[None], images[picks[0]][None], torch.tensor([True]))[0, :, -1]
+    assert torch.equal(scope, torch.cat([fit, earlier, own, over]))
+    assert over.any(), "the extra questions over the edit's image near its targets are reached"
     assert 0 < int(fit.sum()) < len(fit), "the case must mix reached and unreached negatives"
-    assert torch.equal(r.negative_scope(targets, image, 39, prompt, 0)[:39], torch.ones(39, dtype=torch.bool))
+    assert torch.equal(r.negative_scope(targets, image, 39, prompt)[:39], torch.ones(39, dtype=torch.bool))
 
 
 def test_lookalike_radius_keeps_fit_lookalikes_out():
@@ -187,7 +189,7 @@ def test_router_saved_without_negative_features_loads(tmp_path):
     try:
         assert len(old.router.negatives) == 0 and old.router.edits == 1
         scope = old.router.negative_scope(torch.ones(1, old.stack.hidden_size), None, 32,
-                                          torch.zeros(0, old.stack.hidden_size), 0)
+                                          torch.zeros(0, old.stack.hidden_size))
         assert scope[:32].all()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -201,10 +201,11 @@ class Collector:
 
     @torch.no_grad()
     def image_negatives(self, case: EditCase, questions: list[str], n: int,
-                        seed: int) -> dict[int, Float[Tensor, "n d"]] | None:
-        """FFN inputs at the last token of n other fit `questions` asked over the edit's own image: the edit
-        must not leak into the entity's other facts (paraphrases of the edited question are recognised as
-        the same knowledge by `training.unrelated` and left out)."""
+                        seed: int) -> tuple[dict[int, Float[Tensor, "n d"]], Float[Tensor, "n d"]] | None:
+        """FFN inputs at the last token of n other fit `questions` asked over the edit's own image, per edited
+        layer, and their states there at the first edited layer (for the router): the edit must not leak
+        into the entity's other facts (paraphrases of the edited question are recognised as the same
+        knowledge by `training.unrelated` and left out)."""
         if not (n and questions and case.image is not None and self.processor is not None):
             return None
         image = load_image(case.image)
@@ -216,7 +217,8 @@ class Collector:
             self.model(**batch)
         last = last_index(batch["attention_mask"])
         rows = torch.arange(len(last), device=last.device)
-        return {l: tokens(layer.q, batch)[rows, last].float() for l, layer in self.layers.items()}
+        x = tokens(self.layers[min(self.layers)].x, batch)[rows, last].float()
+        return {l: tokens(layer.q, batch)[rows, last].float() for l, layer in self.layers.items()}, x
 
 
 def check_triplets(processor, triplets: list) -> None:

@@ -55,7 +55,7 @@ class UniKEConfig:
     route_lookalikes: bool = True        # raise each edit's image threshold above the fit look-alikes its question
                                          # test passes (other knowledge), up to route_image_max (ours)
     route_image_max: float = 0.8
-    scoped_negatives: bool = False       # with route: train each edit only against the negatives its gate reaches
+    scoped_negatives: bool = True        # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True
     latent_read: str = "shift"           # "heads": each head attends over the retrieved entries' own keys and

@@ -129,16 +129,19 @@ class EditRouter(nn.Module):
         return near & has.to(near.device) & (codes.to(code) @ code >= (self.tau_image if radius is None else radius))
 
     def negative_scope(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, fit: int,
-                       prompt: Float[Tensor, "r d"], extra: int, radius: float | None = None) -> Bool[Tensor, " m"]:
+                       prompt: Float[Tensor, "r d"], extra: Float[Tensor, "s d"] | None = None,
+                       radius: float | None = None) -> Bool[Tensor, " m"]:
         """Which of a new edit's negatives its gate will reach, in `train_neurons`' order: the `fit`
-        negatives, the earlier edits' target positions, the edit's own prompt positions (raw states), and
-        `extra` ones (counted as reached). Negatives whose features this router lacks (a state saved before
-        it kept them) count as reached. `radius`: the edit's image threshold."""
+        negatives, the earlier edits' target positions, the edit's own prompt positions and `extra` ones
+        (other questions over the edit's image; both raw states, tested on their question). Negatives whose
+        features this router lacks (a state saved before it kept them) count as reached. `radius`: the
+        edit's image threshold."""
         fit_ok = (self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius)
                   if len(self.negatives) == fit else torch.ones(fit, dtype=torch.bool, device=self.keys.device))
         earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner], radius)
         own = self.reaches(targets, image, self.standardize(prompt.to(self.keys.device)))
-        return torch.cat([fit_ok, earlier, own, torch.ones(extra, dtype=torch.bool, device=own.device)])
+        extra = own[:0] if extra is None else self.reaches(targets, image, self.standardize(extra.to(own.device)))
+        return torch.cat([fit_ok, earlier, own, extra])
 
     @torch.no_grad()
     def changed(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None,

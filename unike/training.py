@@ -90,11 +90,12 @@ def violation(z: Tensor, margin: float) -> Tensor:
 
 def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniKEConfig, inputs: dict[str, Tensor],
                   states: dict[int, BatchStates], at: Bool[Tensor, "b t"],
-                  extra: dict[int, Tensor] | None = None, router: EditRouter | None = None,
+                  extra: tuple[dict[int, Tensor], Tensor] | None = None, router: EditRouter | None = None,
                   progress: bool = False, radius: float | None = None) -> dict[str, float]:
     """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
     Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
-    the edit's own prompt positions and `extra` (other questions over the edit's image). With the `router`
+    the edit's own prompt positions and `extra` (other questions over the edit's image: their FFN inputs
+    per layer and their states at the first edited layer, `Collector.image_negatives`). With the `router`
     that will gate the edit (and the edit's image threshold `radius`), the neurons train against (and stop
     on) the negatives its gate reaches only: elsewhere the gate keeps them silent."""
     cfg, labels = config, inputs["labels"]
@@ -102,6 +103,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
     rows, cols = at.nonzero(as_tuple=True)
     assign = torch.arange(cfg.n_neurons, device=rows.device) % len(rows)   # neuron j ↔ target position
+    extra, extra_x = extra if extra else (None, None)
     pools = {l: torch.cat([ly.negatives.to(states[l].q), ly.edited.to(states[l].q), states[l].q[neg_mask]]
                           + ([extra[l].to(states[l].q)] if extra else [])) for l, ly in layers.items()}
     keep = unrelated({l: st.q[rows, cols] for l, st in states.items()}, pools, cfg.neg_exclude_cos)
@@ -109,7 +111,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     if router is not None:
         l0 = min(layers)                                      # the router's layer
         reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
-                                      states[l0].x[neg_mask], len(extra[l0]) if extra else 0, radius).to(keep.device)
+                                      states[l0].x[neg_mask], extra_x, radius).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
     negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
     for l, layer in layers.items():
