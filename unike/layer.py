@@ -4,8 +4,10 @@ hooks that put them into the layer's forward pass.
 While attached, the memory and the neurons are also submodules of the decoder block (`unike_memory`,
 `unike_neurons`), so nnsight traces reach them by name. Four hooks: the block's input x (pre-attention
 state) is recorded, the attention output is shifted toward the retrieved knowledge (Eq. 2/7), the FFN input
-q is recorded, and the neurons' output joins the FFN output (Eq. 3/6). `Edits` holds every layer and the
-router: its parameters and buffers are the editor's whole state.
+q is recorded, and the neurons' output joins the FFN output (Eq. 3/6); with `latent_read="heads"` the
+attention heads read the knowledge instead of the output shift (`unike.reading`). The first edited layer
+decides where every layer's memory acts (`Switch.decision`). `Edits` holds every layer and the router: its
+parameters and buffers are the editor's whole state.
 """
 from __future__ import annotations
 
@@ -157,9 +159,9 @@ class EditedLayer(nn.Module):
     def _deciding(self, memory: LatentMemory, x: Tensor):
         """Around one memory pass over x: the first edited layer first decides where every layer's memory
         acts (on states no edit has moved), and after it, α with it."""
+        memory.fitted_acts = self.switch.config.fitted_knowledge      # (where a layer has to decide for itself)
         if self.decides:
             gate, pending, flat = self.switch.gate, self.switch.pending, x.reshape(-1, x.shape[-1])
-            memory.fitted_acts = self.switch.config.fitted_knowledge
             self.switch.decision = memory.decide(memory.unit(flat),
                                                  None if gate is None else gate.reshape(-1, gate.shape[-1]),
                                                  None if pending is None else pending.reshape(-1))
