@@ -290,12 +290,13 @@ class LatentMemory(nn.Module):
         rows = torch.arange(n, device=q.device) if every else acts.nonzero().squeeze(1)
         self.retrieved = (len(rows), n)
         fit_rows = ~on[rows] if n_fit > int(self.masked.sum()) else torch.zeros_like(rows, dtype=torch.bool)
-        with torch.no_grad():          # columns: the top-K fitted entries, then every edit's entry
+        with torch.no_grad():          # columns: the top-K fitted entries, then the edits' entries open here
             top = q.new_zeros(len(rows), min(self.top_k, n_fit - int(self.masked.sum())), dtype=torch.long)
             if fit_rows.any():
                 top[fit_rows] = self.fitted_top(q[rows][fit_rows])
-            idx = torch.cat([top, torch.arange(n_fit, len(self), device=q.device).expand(len(rows), -1)], 1)
-            use = torch.cat([fit_rows[:, None].expand_as(top), opened[rows]], 1)
+            cols = opened[rows].any(0).nonzero().squeeze(1)     # (not all the edits': 1,000 edits × d per token)
+            idx = torch.cat([top, (n_fit + cols).expand(len(rows), -1)], 1)
+            use = torch.cat([fit_rows[:, None].expand_as(top), opened[rows][:, cols]], 1)
         sims = torch.einsum("md,mkd->mk", q[rows], self.keys.to(q)[idx])    # differentiable in x when training
         weights = torch.softmax((sims / self.temperature).masked_fill(~use, -1e9), dim=-1)   # finite: no NaN grads
         weights = weights.masked_fill(~use.any(1, keepdim=True), 0.0)
