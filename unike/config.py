@@ -59,7 +59,8 @@ class UniKEConfig:
     # external knowledge (latent memory)
     latent: bool = True
     latent_read: str = "shift"           # "heads": each head attends over the retrieved entries' own keys and
-                                         # values (unike.reading); "shift": one value for every head (ours)
+                                         # values (unike.reading); "shift": one value for every head (ours).
+                                         # Read when the editor is built, like fixed_alpha
     top_k: int = 40                      # paper: 40
     temperature: float = 0.1
     write_edit_to_memory: bool = True
