@@ -158,16 +158,17 @@ class EditedLayer(nn.Module):
     @contextlib.contextmanager
     def _deciding(self, memory: LatentMemory, x: Tensor):
         """Around one memory pass over x: the first edited layer first decides where every layer's memory
-        acts (on states no edit has moved), and after it, α with it."""
-        memory.fitted_acts = self.switch.config.fitted_knowledge      # (where a layer has to decide for itself)
+        acts (on states no edit has moved), and after it, α with it; a deeper layer reuses that decision
+        (or decides for itself where this forward has none for its tokens)."""
+        flat, decision = x.reshape(-1, x.shape[-1]), self.switch.decision
+        if self.decides or decision is None or len(decision.relevant) != len(flat):
+            gate, pending = (self.switch.gate, self.switch.pending) if self.decides else (None, None)
+            decision = memory.decide(memory.unit(flat), None if gate is None else gate.reshape(-1, gate.shape[-1]),
+                                     None if pending is None else pending.reshape(-1),
+                                     fitted=self.switch.config.fitted_knowledge)
+        yield decision
         if self.decides:
-            gate, pending, flat = self.switch.gate, self.switch.pending, x.reshape(-1, x.shape[-1])
-            self.switch.decision = memory.decide(memory.unit(flat),
-                                                 None if gate is None else gate.reshape(-1, gate.shape[-1]),
-                                                 None if pending is None else pending.reshape(-1))
-        yield self.switch.decision
-        if self.decides:
-            self.switch.decision = self.switch.decision._replace(alpha=memory.last_alpha)
+            self.switch.decision = decision._replace(alpha=memory.last_alpha)
 
     def _shift(self, module, args, output):
         if not self._acts() or self._heads():

@@ -121,7 +121,6 @@ class LatentMemory(nn.Module):
         self.register_buffer("min_similarity", torch.tensor(-1.0))       # relevance gate (calibrate())
         self.index = Index(dim, chunk)      # the fitted keys' index (exact speed-ups of the searches)
         self.prune = True              # only relevant tokens retrieve (the others' α is 0 either way)
-        self.fitted_acts = True        # tokens about fitted knowledge are relevant too (`UniKEConfig.fitted_knowledge`)
         self.retrieved = (0, 0)        # (tokens that retrieved, tokens) in the last forward
         self.last_alpha: Tensor | None = None   # α of the last forward (the first edited layer's is shared)
 
@@ -235,17 +234,17 @@ class LatentMemory(nn.Module):
 
     @torch.no_grad()
     def decide(self, q: Float[Tensor, "n d"], gate: Bool[Tensor, "n e"] | None = None,
-               pending: Bool[Tensor, " n"] | None = None) -> Decision:
+               pending: Bool[Tensor, " n"] | None = None, fitted: bool = True) -> Decision:
         """Where the memory acts, for unit-norm standardised queries q: relevant tokens (best fitted match at
-        the gate; none unless `fitted_acts`) and open edits. `gate`: the router's g_e of the first `e` edits
-        (theirs then); `pending`: the gate the next edit will get (while it is trained); any other edit is
-        open where its entry is the best match and reaches the gate."""
+        the gate; none unless `fitted`, `UniKEConfig.fitted_knowledge`) and open edits. `gate`: the router's
+        g_e of the first `e` edits (theirs then); `pending`: the gate the next edit will get (while it is
+        trained); any other edit is open where its entry is the best match and reaches the gate."""
         n_fit, limit = int(self.n_fit), self.min_similarity
-        fitted = self.keys[:n_fit]
-        if not self.fitted_acts:
+        keys = self.keys[:n_fit]                                  # the fitted entries' keys
+        if not fitted:
             relevant = torch.zeros(len(q), dtype=torch.bool, device=q.device)
         elif limit > -1:
-            relevant = self.index.relevant(q, fitted, n_fit, limit)
+            relevant = self.index.relevant(q, keys, n_fit, limit)
         else:
             relevant = torch.ones(len(q), dtype=torch.bool, device=q.device)
         routed = 0 if gate is None else gate.shape[1]
@@ -261,8 +260,8 @@ class LatentMemory(nn.Module):
             near = (cos >= limit).any(1)
             if near.any() and n_fit:
                 best = cos.new_full((len(q), 1), float("-inf"))
-                best[near] = (self.index.matches(q[near], 1, fitted, n_fit) if len(self.index.basis)
-                              else (q[near] @ fitted.to(q).T).amax(1, keepdim=True))     # not indexed yet
+                best[near] = (self.index.matches(q[near], 1, keys, n_fit) if len(self.index.basis)
+                              else (q[near] @ keys.to(q).T).amax(1, keepdim=True))     # not indexed yet
                 cos = cos.masked_fill(cos < best, float("-inf"))
             hit = (cos >= limit).float() @ F.one_hot(self.owner[mine], opened.shape[1]).float().to(q)
             opened |= hit > 0
@@ -289,9 +288,10 @@ class LatentMemory(nn.Module):
         every = not self.prune or self.alpha.fixed is not None           # a fixed α acts on every token
         rows = torch.arange(n, device=q.device) if every else acts.nonzero().squeeze(1)
         self.retrieved = (len(rows), n)
-        fit_rows = ~on[rows] if n_fit > int(self.masked.sum()) else torch.zeros_like(rows, dtype=torch.bool)
+        free = n_fit - int(self.masked.sum())                             # fitted entries not masked
+        fit_rows = ~on[rows] if free else torch.zeros_like(rows, dtype=torch.bool)
         with torch.no_grad():          # columns: the top-K fitted entries, then the edits' entries open here
-            top = q.new_zeros(len(rows), min(self.top_k, n_fit - int(self.masked.sum())), dtype=torch.long)
+            top = q.new_zeros(len(rows), min(self.top_k, free), dtype=torch.long)
             if fit_rows.any():
                 top[fit_rows] = self.fitted_top(q[rows][fit_rows])
             cols = opened[rows].any(0).nonzero().squeeze(1)     # (not all the edits': 1,000 edits × d per token)
