@@ -90,6 +90,32 @@ def test_lookalike_radius_keeps_fit_lookalikes_out():
     assert r.radius.tolist() == [pytest.approx(radius)]
 
 
+def test_rivals_split_overlapping_scopes_by_hand():
+    """Two edits of the same question on look-alike images (cos 0.92, both radii 0.5) that hold other
+    knowledge become rivals: each then opens only where the image is closer to its own. Same knowledge, a
+    text-only edit or another question makes none; truncating drops the pairs."""
+    r = EditRouter(2, tau_question=0.9, tau_image=0.5)
+    r.fit(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]),
+          torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]]), torch.ones(4, dtype=torch.bool),
+          torch.arange(4))
+    q = torch.tensor([[1.0, 0.0]])
+    r.add(q, torch.tensor([1.0, 0.2]))
+    r.add(torch.tensor([[0.0, 1.0]]), torch.tensor([1.0, 0.1]))       # another question: no rival
+    r.add(q, None)                                                      # text only: no rival
+    r.add(q, torch.tensor([1.0, -0.2]))
+    assert r.split(torch.tensor([False, True, True, True])).tolist() == []     # edit 0: the same knowledge
+    assert r.split(torch.tensor([True, True, True, True])).tolist() == [[3, 0], [0, 3]]
+    x = q[None].expand(2, 1, 2)
+    gate = r(x, torch.tensor([[1.0, 0.1], [1.0, -0.1]]), torch.ones(2, dtype=torch.bool))[:, 0]
+    assert gate[:, [0, 3]].tolist() == [[True, False], [False, True]]
+    assert gate[:, 2].tolist() == [True, True] and not gate[:, 1].any()     # text only: no image test
+    r.rivals = r.rivals[:0]
+    assert r(x, torch.tensor([[1.0, 0.1], [1.0, -0.1]]), torch.ones(2, dtype=torch.bool))[:, 0, 3].all()
+    r.rivals = torch.tensor([[3, 0], [0, 3]])
+    r.truncate(3)
+    assert r.rivals.shape == (0, 2)
+
+
 def test_image_codes_mean_over_image_tokens():
     x = torch.arange(12.0).reshape(2, 3, 2)
     mask = torch.tensor([[True, False, True], [False, False, False]])

@@ -55,6 +55,9 @@ class UniKEConfig:
     route_lookalikes: bool = True        # raise each edit's image threshold above the fit look-alikes its question
                                          # test passes (other knowledge), up to route_image_max (ours)
     route_image_max: float = 0.8
+    route_rivals: bool = True            # edits whose questions overlap, that hold other knowledge and whose images
+                                         # are within a radius of each other each open only nearer their own image
+                                         # (GRACE's split of overlapping scopes; ours)
     scoped_negatives: bool = True        # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import persist
-from .collect import Collector, FitStates, check_triplets, triplet_batches
+from .collect import BatchStates, Collector, FitStates, check_triplets, triplet_batches
 from .config import UniKEConfig, edited_layers
 from .data.case import EditCase
 from .hooks import Hooks
@@ -255,8 +255,27 @@ class UniKE:
             for memory in self.memory.values():
                 memory.mask(changed)
         self.router.add(first.x[at], first.image, radius=radius)
+        if cfg.route and cfg.route_rivals:            # split its scope from look-alike edits of other knowledge
+            self.router.split(self._apart(states, at))
         self.n_edits += 1
         return info
+
+    def _apart(self, states: dict[int, BatchStates], at: Tensor) -> Tensor:
+        """Which committed edits hold other knowledge than the one just added: the FFN input at the question's
+        last token of each (`EditedLayer.edited`, one row per router key) is not the same knowledge as the new
+        edit's target positions (`training.unrelated`, standardised as the fit negatives); none where the
+        layers do not keep one row per key (intrinsic off, or a state saved before)."""
+        owner = self.router.owner
+        apart = torch.zeros(self.router.edits, dtype=torch.bool, device=owner.device)
+        if not self.fitted or any(len(layer.edited) != len(owner) for layer in self.layers.values()):
+            return apart
+        starts = torch.ones_like(owner, dtype=torch.bool)
+        starts[1:] = owner[1:] != owner[:-1]
+        apart[owner[starts]] = unrelated({l: st.q[at] for l, st in states.items()},
+                                         {l: self.layers[l].edited[starts.cpu()].to(st.q) for l, st in states.items()},
+                                         self.config.neg_exclude_cos,
+                                         {l: self.layers[l].negatives for l in states}).to(apart.device)
+        return apart
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def reset(self) -> UniKE:

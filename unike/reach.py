@@ -40,11 +40,11 @@ class Reachable:
             return None
         centre, radius, top = self._bound()
         x = x.reshape(-1, x.shape[-1])
-        upper = x @ centre.to(x.device) + x.norm(dim=-1, keepdim=True) * radius.to(x.device) + top.to(x.device)
-        live = (upper > 0).any(0)
-        if gate is not None:
-            live = live & gate.reshape(-1, gate.shape[-1]).any(0)
-        edits = live.nonzero().squeeze(1)
+        edits = (torch.arange(self.edits, device=x.device) if gate is None       # the gate first: the bound
+                 else gate.reshape(-1, gate.shape[-1]).any(0).nonzero().squeeze(1))   # only where it lets through
+        bounds = (centre.to(x.device)[:, edits], radius.to(x.device)[edits], top.to(x.device)[edits])
+        upper = x @ bounds[0] + x.norm(dim=-1, keepdim=True) * bounds[1] + bounds[2]
+        edits = edits[(upper > 0).any(0)]
         return None if len(edits) == self.edits else edits
 
     def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, " E"], Float[Tensor, " E"]]:

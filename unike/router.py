@@ -13,6 +13,10 @@ test whose centre is the edit's own state (every fit prompt the edit's) is not m
 edit without an image skips the image test; an edit with one never fires on a prompt without one. The
 image code is a property of the whole prompt: `UniKE` computes it where the image tokens are and keeps it
 with the KV cache for the generated tokens, so cached and uncached generation agree.
+
+Rivals split overlapping scopes, as GRACE splits overlapping codebook balls: two edits whose question
+tests overlap, that hold other knowledge and whose images lie within a radius of each other
+(`split`) each open only where the prompt's image is closer to their own image than to the other's.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ class EditRouter(nn.Module):
         self.register_buffer("negative_images", torch.zeros(0, dim))
         self.register_buffer("negative_has", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("rows", torch.zeros(0, dtype=torch.long))   # their fit rows (memory entries)
+        # (e, j): edit e opens only where the prompt's image is closer to c_e than to c_j (`split`)
+        self.register_buffer("rivals", torch.zeros(0, 2, dtype=torch.long))
 
     @property
     def edits(self) -> int:
@@ -154,24 +160,51 @@ class EditRouter(nn.Module):
         return self.rows[:0] if hit.all() else self.rows[hit]
 
     @torch.no_grad()
+    def split(self, apart: Bool[Tensor, " e"]) -> Tensor:
+        """Make the newest edit and each earlier one rivals where their question tests overlap (a target state
+        of one within τ_q of one of the other's), they hold other knowledge (`apart`, per earlier edit) and
+        the image of one lies within the other's radius: that edit then opens only where the prompt's image
+        is closer to its own than to the other's. Returns the new (e, j) pairs."""
+        e = self.edits - 1
+        mine = self.owner == e
+        near = (self.keys[~mine] @ self.keys[mine].T >= self.tau_question).any(-1)
+        js = self.owner[~mine][near].unique()
+        js = js[apart.to(js.device)[js] & self.has_image[js] & self.has_image[e] & ~self.open[js] & ~self.open[e]]
+        cos = self.images[js] @ self.images[e]
+        pairs = torch.cat([torch.stack([torch.full_like(js, e), js], 1)[cos >= self.radius[e]],
+                           torch.stack([js, torch.full_like(js, e)], 1)[cos >= self.radius[js]]])
+        self.rivals = torch.cat([self.rivals, pairs.to(self.rivals)])
+        return pairs
+
+    @torch.no_grad()
     def truncate(self, edits: int) -> None:
         """Keep the first `edits` edits (0: none)."""
         keep = self.owner < edits
         self.keys, self.owner = self.keys[keep], self.owner[keep]
         self.images, self.has_image, self.open = self.images[:edits], self.has_image[:edits], self.open[:edits]
-        self.radius = self.radius[:edits]
+        self.radius, self.rivals = self.radius[:edits], self.rivals[(self.rivals < edits).all(1)]
 
     def forward(self, x: Float[Tensor, "b t d"], image: Float[Tensor, "b d"] | None,
                 has: Bool[Tensor, " b"] | None = None) -> Bool[Tensor, "b t e"]:
         """g_e(t) for every committed edit; `image`: the prompts' mean image-token states, `has`: which
-        prompts show an image (None: unknown, e.g. a model fed embeddings; the image test is then skipped)."""
-        z = self.standardize(x) @ self.keys.to(x.device).T                      # [b, t, keys]
-        owner = F.one_hot(self.owner.to(x.device), self.edits).float()          # [keys, e]
-        gate = ((z >= self.tau_question).float() @ owner > 0) | self.open.to(x.device)   # any key close
-        if has is None or not len(self.image_mean):
-            return gate
-        same = (self.image_code(image) @ self.images.to(x.device).T >= self.radius.to(x.device)) & has[:, None]
-        return gate & (same | ~self.has_image.to(x.device))[:, None]
+        prompts show an image (None: unknown, e.g. a model fed embeddings; the image test is then skipped).
+        An edit with rivals passes the image test only where the image is closer to its own than to theirs.
+        The image test comes first, and only the keys of edits it lets through somewhere are tested, so
+        that the cost follows the edits near the prompts' images rather than every edit committed."""
+        b, t, _ = x.shape
+        dev, owner, is_open = x.device, self.owner.to(x.device), self.open.to(x.device)
+        let = torch.ones(b, self.edits, dtype=torch.bool, device=dev)          # the image test, per prompt
+        if has is not None and len(self.image_mean):
+            sims = self.image_code(image) @ self.images.to(dev).T                # [b, e]
+            same = (sims >= self.radius.to(dev)) & has[:, None]
+            if len(self.rivals):                                                 # closer to a rival: not e's
+                e, j = self.rivals.to(dev).T
+                same = same & ~(sims.new_zeros(sims.shape).index_add_(1, e, (sims[:, e] < sims[:, j]).float()) > 0)
+            let = same | ~self.has_image.to(dev)
+        tested = (let.any(0) & ~is_open)[owner].nonzero().squeeze(1)            # keys worth the question test
+        z = self.standardize(x) @ self.keys.to(dev)[tested].T >= self.tau_question   # [b, t, keys tested]
+        near = x.new_zeros(b, t, self.edits, dtype=torch.float).index_add_(-1, owner[tested], z.float()) > 0
+        return (near | is_open) & let[:, None]
 
     def extra_repr(self) -> str:
         return (f"edits={self.edits}, tau_question={self.tau_question}, tau_image={self.tau_image}, "

@@ -60,15 +60,16 @@ def init_keys(q: Float[Tensor, "n d"], neg: Float[Tensor, "m d"], mu: Float[Tens
 
 
 def unrelated(q_pos: dict[int, Float[Tensor, "p d"]], pools: dict[int, Float[Tensor, "m d"]],
-              exclude_cos: float) -> Bool[Tensor, " m"]:
+              exclude_cos: float, stats: dict[int, Float[Tensor, "s d"]] | None = None) -> Bool[Tensor, " m"]:
     """Which negatives are unrelated to the edit. A negative is the *same knowledge* as the edit (another
     rendering or wording of the edited fact, which the edit should reach) when its FFN input agrees with the
     edit's at every edited layer: the mean over layers of the best cosine to the edit's positions
-    (standardised by the negatives' statistics) is at least `exclude_cos`. Those are not pushed down."""
+    (standardised by the statistics of `stats`, default the negatives themselves) is at least `exclude_cos`.
+    Those are not pushed down."""
     cos = 0
     for l, neg in pools.items():
-        q = q_pos[l]
-        mu, sd = neg.mean(0), neg.std(0).clamp_min(1e-5) if len(neg) > 1 else torch.ones_like(q[0, 0])
+        q, ref = q_pos[l], neg if stats is None else stats[l].to(neg)
+        mu, sd = ref.mean(0), ref.std(0).clamp_min(1e-5) if len(ref) > 1 else torch.ones_like(q[0, 0])
         cos = cos + (F.normalize((neg - mu) / sd, dim=-1) @ F.normalize((q - mu) / sd, dim=-1).T).max(1).values
     return cos / len(pools) < exclude_cos
 
