@@ -162,6 +162,29 @@ def test_edit_routes_to_its_scope_only(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pair", [(2, 13), (69, 84)])
+def test_rivals_keep_an_earlier_lookalike_edit(tiny, pair):
+    """Two edits of the same fact of look-alike entities (a pair found in the sequence-safe K = 100 list of
+    seed 14): without rivals the later one's gate opens on the earlier one's prompt and its answer becomes
+    the later target; with them each edit holds on its own image."""
+    model, processor, world, editor = tiny
+    cases = [world.edit_cases("vqa", n=100, seed=14, sequence_safe=True)[i] for i in pair]
+    held = {}
+    for rivals in (False, True):
+        editor.reset()
+        editor.config = unike.UniKEConfig(route_rivals=rivals)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for case in cases:
+                editor.edit(case)
+        held[rivals] = [unike.answer(model, processor, c.image, c.prompt) == c.target for c in cases]
+        assert len(editor.router.rivals) == (2 if rivals else 0)
+    editor.config = unike.UniKEConfig()
+    editor.reset()
+    assert held == {False: [False, True], True: [True, True]}
+
+
+@pytest.mark.slow
 def test_route_false_is_ungated_and_old_states_load_ungated(tmp_path):
     model, processor = unike.load_tiny()
     world = unike.SynthWorld(seed=0)
