@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--triplets", type=int, default=2000)
     ap.add_argument("--alpha", type=int, default=0, help="also α against relevance over this many other cases")
     ap.add_argument("--cache", default=".cache/measure", help="folder for the fit states")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()   # key=value fields before or after the options
     config = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.config)}
     torch.set_num_threads(1)
     model, processor = unike.load_tiny()

@@ -116,6 +116,15 @@ def test_rivals_split_overlapping_scopes_by_hand():
     assert r.rivals.shape == (0, 2)
 
 
+def test_asked_questions_are_checked_on_load():
+    from unike.persist import _asked
+    assert _asked({}, 2) == [None, None]                         # saved before they were kept
+    assert _asked({"asked": [["what ?", "moss"], None]}, 2) == [["what ?", "moss"], None]
+    for bad in ([["what ?"]], [None, None, None], [["what ?", 3]], "what ?"):
+        with pytest.raises(ValueError, match="'asked' must list"):
+            _asked({"asked": bad}, 2)
+
+
 def test_image_codes_mean_over_image_tokens():
     x = torch.arange(12.0).reshape(2, 3, 2)
     mask = torch.tensor([[True, False, True], [False, False, False]])
@@ -182,6 +191,38 @@ def test_rivals_keep_an_earlier_lookalike_edit(tiny, pair):
     editor.config = unike.UniKEConfig()
     editor.reset()
     assert held == {False: [False, True], True: [True, True]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", [(15, 19), (66, 83)])
+def test_asked_rivals_keep_an_edit_off_a_lookalike_edited_image(tiny, pair, tmp_path):
+    """Two edits of different facts of look-alike entities (pairs of seed 14's K = 100 list): one edit's gate
+    opens on the other's image asked about its fact, so that image's other-fact (CI) answer changes. Asked
+    its question over the new image, the base model answers otherwise: the edits become rivals both ways and
+    the CI answer holds. The asked questions are saved and loaded with the editor."""
+    model, processor, world, editor = tiny
+    cases = world.edit_cases("vqa", n=100, seed=14, sequence_safe=True)
+    probe = cases[min(pair)] if pair == (66, 83) else cases[max(pair)]
+    with editor.disabled():
+        before = unike.answer(model, processor, probe.image, probe.ci_prompt)
+    held = {}
+    for asked in (False, True):
+        editor.reset()
+        editor.config = unike.UniKEConfig(route_asked=asked)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in sorted(pair):
+                editor.edit(cases[i])
+        held[asked] = unike.answer(model, processor, probe.image, probe.ci_prompt) == before
+        assert sorted(editor.router.rivals.tolist()) == ([[0, 1], [1, 0]] if asked else [])
+        assert all(unike.answer(model, processor, cases[i].image, cases[i].prompt) == cases[i].target for i in pair)
+    assert held == {False: False, True: True}
+    assert [a[0] for a in editor.asked] == [cases[i].prompt for i in sorted(pair)]
+    editor.save(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "unike.json").read_text())
+    assert meta["asked"] == editor.asked
+    editor.config = unike.UniKEConfig()
+    editor.reset()
 
 
 @pytest.mark.slow

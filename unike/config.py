@@ -58,6 +58,8 @@ class UniKEConfig:
     route_rivals: bool = True            # edits whose questions overlap, that hold other knowledge and whose images
                                          # are within a radius of each other each open only nearer their own image
                                          # (GRACE's split of overlapping scopes; ours)
+    route_asked: bool = True             # and an earlier edit whose radius lets a new edit's image in, asked its
+                                         # question over it by the base model, is its rival where the answer differs
     scoped_negatives: bool = True        # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True

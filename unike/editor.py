@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from . import persist
+from .answer import answer
 from .collect import BatchStates, Collector, FitStates, check_triplets, triplet_batches
 from .config import UniKEConfig, edited_layers
-from .data.case import EditCase
+from .data.case import EditCase, load_image
 from .hooks import Hooks
 from .inputs import edit_inputs
 from .layer import EditedLayer, Edits
@@ -39,12 +40,12 @@ def atomic(spaces: bool):
     def wrap(method):
         @functools.wraps(method)
         def run(self, *args, **kwargs):
-            counters = (self.fitted, self.n_edits, self.fit_questions)
+            counters = (self.fitted, self.n_edits, self.fit_questions, list(self.asked))
             try:
                 with self.edits.transaction(spaces):
                     return method(self, *args, **kwargs)
             except BaseException:
-                self.fitted, self.n_edits, self.fit_questions = counters
+                self.fitted, self.n_edits, self.fit_questions, self.asked = counters
                 raise
         return run
     return wrap
@@ -73,6 +74,7 @@ class UniKE:
         self.scope = Scope(self.router, self.edits.switch, image_token)
         self.fitted, self.n_edits, self._warned = False, 0, False
         self.fit_questions: list[str] = []      # image questions seen in fit (for image negatives)
+        self.asked: list[list[str] | None] = []  # per edit: [question, the base model's answer] (for rivals)
         self.hooks = Hooks()
         for l, layer in self.layers.items():
             layer.attach(self.stack[l], self.hooks, self._extra(l))
@@ -255,10 +257,45 @@ class UniKE:
             for memory in self.memory.values():
                 memory.mask(changed)
         self.router.add(first.x[at], first.image, radius=radius)
+        asked = self._asked(item)
         if cfg.route and cfg.route_rivals:            # split its scope from look-alike edits of other knowledge
             self.router.split(self._apart(states, at))
+            if asked is not None:
+                self._ask_rivals(item.image)
+        self.asked += [None] * (self.router.edits - 1 - len(self.asked)) + [asked]   # by router index
         self.n_edits += 1
         return info
+
+    def _asked(self, item) -> list[str] | None:
+        """[question, the base model's greedy answer] of an EditCase with an image, else None."""
+        cfg = self.config
+        if not (isinstance(item, EditCase) and item.image is not None and cfg.route and cfg.route_rivals
+                and cfg.route_asked):
+            return None
+        with self.disabled():
+            return [item.prompt, answer(self.model, self.processor, load_image(item.image), item.prompt)]
+
+    def _ask_rivals(self, image) -> None:
+        """Each earlier edit whose image lies within its radius of the new edit's, or the new edit's of its,
+        is asked its own question over the new image (the base model, greedy). Where the answer is not its
+        own, the two images hold other knowledge: each edit whose radius lets the other's image in then opens
+        only nearer its own image (rivals, both ways)."""
+        r, e = self.router, self.router.edits - 1
+        if not r.has_image[e]:
+            return
+        cos = r.images @ r.images[e]
+        near = ((cos >= torch.minimum(r.radius, r.radius[e])) & r.has_image & ~r.open).nonzero().squeeze(1)
+        image = load_image(image)
+        for j in near.tolist():
+            if j == e or j >= len(self.asked) or self.asked[j] is None:
+                continue
+            question, said = self.asked[j]
+            with self.disabled():
+                if answer(self.model, self.processor, image, question) == said:
+                    continue
+            for a, b in ((j, e), (e, j)):
+                if cos[j] >= r.radius[a] and not r.rivaled(a, b):
+                    r.add_rivals(torch.tensor([[a, b]]))
 
     def _apart(self, states: dict[int, BatchStates], at: Tensor) -> Tensor:
         """Which committed edits hold other knowledge than the one just added: the FFN input at the question's
@@ -284,7 +321,7 @@ class UniKE:
         self.router.truncate(0)
         for layer in self.layers.values():
             layer.reset()
-        self.n_edits = 0
+        self.n_edits, self.asked = 0, []
         return self
 
     def detach(self) -> nn.Module:

@@ -41,8 +41,8 @@ def save(editor, path) -> Path:
         save_file(editor.state(), str(tmp_state))
         meta = {"config": asdict(editor.config), "layer_ids": editor.layer_ids, "num_layers": len(editor.stack),
                 "hidden_size": editor.stack.hidden_size, "fitted": editor.fitted, "n_edits": editor.n_edits,
-                "fit_questions": editor.fit_questions, "model_class": type(editor.model).__name__,
-                "sha256": _sha256(tmp_state)}
+                "fit_questions": editor.fit_questions, "asked": editor.asked,
+                "model_class": type(editor.model).__name__, "sha256": _sha256(tmp_state)}
         tmp_meta.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_state, path / STATE_FILE)
         os.replace(tmp_meta, path / CONFIG_FILE)
@@ -83,12 +83,24 @@ def restore(editor, meta: dict, state: dict[str, Tensor]) -> None:
                          f"{editor.layer_ids}; save the editor again")
     state, unindexed = upgrade(editor, state)
     check_state(editor, state, meta["n_edits"])
+    asked = _asked(meta, len(state["router.has_image"]))
     for name, value in state.items():
         editor.edits.put(name, value)
     for l in unindexed:
         editor.memory[l].reindex()
     editor.fitted, editor.n_edits = meta["fitted"], meta["n_edits"]
     editor.fit_questions = list(meta["fit_questions"])
+    editor.asked = asked
+
+
+def _asked(meta: dict, routed: int) -> list[list[str] | None]:
+    """Each routed edit's [question, base answer] (for rivals); none for a state saved before they were kept."""
+    asked = meta.get("asked", [None] * routed)
+    if (not isinstance(asked, list) or len(asked) > routed
+            or not all(a is None or conforms(a, list[str]) and len(a) == 2 for a in asked)):
+        raise ValueError(f"{CONFIG_FILE}: 'asked' must list at most {routed} [question, answer] pairs or nulls; "
+                         "it was altered; save the editor again")
+    return list(asked)
 
 
 def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:

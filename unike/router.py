@@ -173,8 +173,15 @@ class EditRouter(nn.Module):
         cos = self.images[js] @ self.images[e]
         pairs = torch.cat([torch.stack([torch.full_like(js, e), js], 1)[cos >= self.radius[e]],
                            torch.stack([js, torch.full_like(js, e)], 1)[cos >= self.radius[js]]])
-        self.rivals = torch.cat([self.rivals, pairs.to(self.rivals)])
+        self.add_rivals(pairs)
         return pairs
+
+    def add_rivals(self, pairs: Tensor) -> None:
+        """Enter (e, j) pairs: edit e then opens only where the prompt's image is closer to c_e than to c_j."""
+        self.rivals = torch.cat([self.rivals, pairs.to(self.rivals).reshape(-1, 2)])
+
+    def rivaled(self, e: int, j: int) -> bool:
+        return bool(((self.rivals[:, 0] == e) & (self.rivals[:, 1] == j)).any())
 
     @torch.no_grad()
     def truncate(self, edits: int) -> None:
