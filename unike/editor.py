@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from . import persist
-from .answer import answer
 from .collect import BatchStates, Collector, FitStates, check_triplets, triplet_batches
 from .config import UniKEConfig, edited_layers
 from .data.case import EditCase, load_image
@@ -25,6 +24,7 @@ from .hooks import Hooks
 from .inputs import edit_inputs
 from .layer import EditedLayer, Edits
 from .locate import LocateError, locate
+from .metrics import Probe, generations
 from .prompting import device_of, eos_id_of
 from .roles import image_token_id
 from .scope import Scope
@@ -273,26 +273,28 @@ class UniKE:
                 and cfg.route_asked):
             return None
         with self.disabled():
-            return [item.prompt, answer(self.model, self.processor, load_image(item.image), item.prompt)]
+            said = generations(self.model, self.processor, [Probe("rel", item.image, item.prompt, "")])
+        return [item.prompt, said[0]]
 
     def _ask_rivals(self, image) -> None:
         """Each earlier edit whose image lies within its radius of the new edit's, or the new edit's of its,
-        is asked its own question over the new image (the base model, greedy). Where the answer is not its
-        own, the two images hold other knowledge: each edit whose radius lets the other's image in then opens
-        only nearer its own image (rivals, both ways)."""
+        is asked its own question over the new image (the base model, greedy, one batch). Where the answer is
+        not its own, the two images hold other knowledge: each edit whose radius lets the other's image in
+        then opens only nearer its own image (rivals, both ways)."""
         r, e = self.router, self.router.edits - 1
         if not r.has_image[e]:
             return
         cos = r.images @ r.images[e]
         near = ((cos >= torch.minimum(r.radius, r.radius[e])) & r.has_image & ~r.open).nonzero().squeeze(1)
+        asked = [j for j in near.tolist() if j != e and j < len(self.asked) and self.asked[j] is not None]
+        if not asked:
+            return
         image = load_image(image)
-        for j in near.tolist():
-            if j == e or j >= len(self.asked) or self.asked[j] is None:
+        with self.disabled():
+            said = generations(self.model, self.processor, [Probe("rel", image, self.asked[j][0], "") for j in asked])
+        for j, answer in zip(asked, said):
+            if answer == self.asked[j][1]:
                 continue
-            question, said = self.asked[j]
-            with self.disabled():
-                if answer(self.model, self.processor, image, question) == said:
-                    continue
             for a, b in ((j, e), (e, j)):
                 if cos[j] >= r.radius[a] and not r.rivaled(a, b):
                     r.add_rivals(torch.tensor([[a, b]]))

@@ -97,7 +97,8 @@ def _asked(meta: dict, routed: int) -> list[list[str] | None]:
     """Each routed edit's [question, base answer] (for rivals); none for a state saved before they were kept."""
     asked = meta.get("asked", [None] * routed)
     if (not isinstance(asked, list) or len(asked) > routed
-            or not all(a is None or conforms(a, list[str]) and len(a) == 2 for a in asked)):
+            or not all(a is None or isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a)
+                       for a in asked)):
         raise ValueError(f"{CONFIG_FILE}: 'asked' must list at most {routed} [question, answer] pairs or nulls; "
                          "it was altered; save the editor again")
     return list(asked)
