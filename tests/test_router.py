@@ -120,9 +120,10 @@ def test_asked_questions_are_checked_on_load():
     from unike.persist import _asked
     assert _asked({}, 2) == [None, None]                         # saved before they were kept
     assert _asked({"asked": [["what ?", "moss"], None]}, 2) == [["what ?", "moss"], None]
+    assert _asked({"asked": [None], "n_edits": 1}, 0) == []       # a router saved before routing: none kept
     for bad in ([["what ?"]], [None, None, None], [["what ?", 3]], "what ?"):
         with pytest.raises(ValueError, match="'asked' must list"):
-            _asked({"asked": bad}, 2)
+            _asked({"asked": bad, "n_edits": 2}, 2)
 
 
 def test_image_codes_mean_over_image_tokens():

@@ -94,14 +94,15 @@ def restore(editor, meta: dict, state: dict[str, Tensor]) -> None:
 
 
 def _asked(meta: dict, routed: int) -> list[list[str] | None]:
-    """Each routed edit's [question, base answer] (for rivals); none for a state saved before they were kept."""
-    asked = meta.get("asked", [None] * routed)
-    if (not isinstance(asked, list) or len(asked) > routed
+    """Each routed edit's [question, base answer] (for rivals); none for a state saved before they were kept,
+    and none past the router's edits (a state whose router was saved before routing)."""
+    asked = meta.get("asked", [])
+    if (not isinstance(asked, list) or len(asked) > max(routed, meta.get("n_edits", 0))
             or not all(a is None or isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a)
                        for a in asked)):
-        raise ValueError(f"{CONFIG_FILE}: 'asked' must list at most {routed} [question, answer] pairs or nulls; "
+        raise ValueError(f"{CONFIG_FILE}: 'asked' must list at most one [question, answer] pair or null per edit; "
                          "it was altered; save the editor again")
-    return list(asked)
+    return (list(asked) + [None] * routed)[:routed]
 
 
 def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[int]]:
