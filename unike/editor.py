@@ -257,47 +257,31 @@ class UniKE:
             for memory in self.memory.values():
                 memory.mask(changed)
         self.router.add(first.x[at], first.image, radius=radius)
-        asked = self._asked(item)
+        asked = None
         if cfg.route and cfg.route_rivals:            # split its scope from look-alike edits of other knowledge
             self.router.split(self._apart(states, at))
-            if asked is not None:
-                self._ask_rivals(item.image)
+            asked = self._ask_rivals(item) if cfg.route_asked else None
         self.asked += [None] * (self.router.edits - 1 - len(self.asked)) + [asked]   # by router index
         self.n_edits += 1
         return info
 
-    def _asked(self, item) -> list[str] | None:
-        """[question, the base model's greedy answer] of an EditCase with an image, else None."""
-        cfg = self.config
-        if not (isinstance(item, EditCase) and item.image is not None and cfg.route and cfg.route_rivals
-                and cfg.route_asked):
+    def _ask_rivals(self, item) -> list[str] | None:
+        """For an EditCase with an image: the base model (greedy, one batch) answers its question over its
+        image, and each earlier edit whose image lies within a radius of it (`EditRouter.within`) is asked its
+        own question over that image too. Where that answer is not its own, the two images hold other
+        knowledge and the two edits become rivals (`EditRouter.rival`). Returns [question, its answer], kept
+        in `asked` for later edits to ask; None for other edits."""
+        if not (isinstance(item, EditCase) and item.image is not None):
             return None
+        e = self.router.edits - 1
+        js = [j for j in self.router.within(e).tolist() if j < len(self.asked) and self.asked[j] is not None]
+        image = load_image(item.image)
         with self.disabled():
-            said = generations(self.model, self.processor, [Probe("rel", item.image, item.prompt, "")])
+            said = generations(self.model, self.processor,
+                               [Probe("rel", image, q, "") for q in [item.prompt] + [self.asked[j][0] for j in js]])
+        other = [j for j, answer in zip(js, said[1:]) if answer != self.asked[j][1]]
+        self.router.rival(e, torch.tensor(other, dtype=torch.long, device=self.router.owner.device))
         return [item.prompt, said[0]]
-
-    def _ask_rivals(self, image) -> None:
-        """Each earlier edit whose image lies within its radius of the new edit's, or the new edit's of its,
-        is asked its own question over the new image (the base model, greedy, one batch). Where the answer is
-        not its own, the two images hold other knowledge: each edit whose radius lets the other's image in
-        then opens only nearer its own image (rivals, both ways)."""
-        r, e = self.router, self.router.edits - 1
-        if not r.has_image[e]:
-            return
-        cos = r.images @ r.images[e]
-        near = ((cos >= torch.minimum(r.radius, r.radius[e])) & r.has_image & ~r.open).nonzero().squeeze(1)
-        asked = [j for j in near.tolist() if j != e and j < len(self.asked) and self.asked[j] is not None]
-        if not asked:
-            return
-        image = load_image(image)
-        with self.disabled():
-            said = generations(self.model, self.processor, [Probe("rel", image, self.asked[j][0], "") for j in asked])
-        for j, answer in zip(asked, said):
-            if answer == self.asked[j][1]:
-                continue
-            for a, b in ((j, e), (e, j)):
-                if cos[j] >= r.radius[a] and not r.rivaled(a, b):
-                    r.add_rivals(torch.tensor([[a, b]]))
 
     def _apart(self, states: dict[int, BatchStates], at: Tensor) -> Tensor:
         """Which committed edits hold other knowledge than the one just added: the FFN input at the question's

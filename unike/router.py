@@ -162,26 +162,36 @@ class EditRouter(nn.Module):
     @torch.no_grad()
     def split(self, apart: Bool[Tensor, " e"]) -> Tensor:
         """Make the newest edit and each earlier one rivals where their question tests overlap (a target state
-        of one within τ_q of one of the other's), they hold other knowledge (`apart`, per earlier edit) and
-        the image of one lies within the other's radius: that edit then opens only where the prompt's image
-        is closer to its own than to the other's. Returns the new (e, j) pairs."""
+        of one within τ_q of one of the other's) and they hold other knowledge (`apart`, per earlier edit)
+        (`rival`). Returns the new (e, j) pairs."""
         e = self.edits - 1
         mine = self.owner == e
         near = (self.keys[~mine] @ self.keys[mine].T >= self.tau_question).any(-1)
         js = self.owner[~mine][near].unique()
-        js = js[apart.to(js.device)[js] & self.has_image[js] & self.has_image[e] & ~self.open[js] & ~self.open[e]]
+        return self.rival(e, js[apart.to(js.device)[js]])
+
+    @torch.no_grad()
+    def within(self, e: int) -> Tensor:
+        """The other edits with an image within a radius of edit e's (theirs or e's): where rivals may be."""
+        if not self.has_image[e] or self.open[e]:
+            return self.owner[:0]
+        cos = self.images @ self.images[e]
+        near = (cos >= torch.minimum(self.radius, self.radius[e])) & self.has_image & ~self.open
+        near[e] = False
+        return near.nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def rival(self, e: int, js: Tensor) -> Tensor:
+        """Make edit e and each edit of `js` (of other knowledge) rivals wherever the image of one lies within
+        the other's radius: that edit then opens only where the prompt's image is closer to its own than to
+        the other's. Pairs already there are not repeated; returns the new (e, j) pairs."""
+        js = js[torch.isin(js, self.within(e))]
         cos = self.images[js] @ self.images[e]
         pairs = torch.cat([torch.stack([torch.full_like(js, e), js], 1)[cos >= self.radius[e]],
                            torch.stack([js, torch.full_like(js, e)], 1)[cos >= self.radius[js]]])
-        self.add_rivals(pairs)
+        pairs = pairs[~(pairs[:, None] == self.rivals[None]).all(-1).any(-1)]
+        self.rivals = torch.cat([self.rivals, pairs])
         return pairs
-
-    def add_rivals(self, pairs: Tensor) -> None:
-        """Enter (e, j) pairs: edit e then opens only where the prompt's image is closer to c_e than to c_j."""
-        self.rivals = torch.cat([self.rivals, pairs.to(self.rivals).reshape(-1, 2)])
-
-    def rivaled(self, e: int, j: int) -> bool:
-        return bool(((self.rivals[:, 0] == e) & (self.rivals[:, 1] == j)).any())
 
     @torch.no_grad()
     def truncate(self, edits: int) -> None:
