@@ -48,6 +48,8 @@ def test_results_schema_and_files(e2e):
         assert len(sp["overhead"][model]["settings"]) == 4 and 0 <= sp["overhead"][model]["retrieving"] <= 1
     assert sp["latency_ratio_4_vs_1"] > 0 and len(sp["latency"]["seconds"]) == 4
     assert sp["latency"]["edit_steps"] == 5 and not sp["latency"]["early_stop"]
+    paired = sp["latency"]["paired"]      # each case timed after the sequence and as edit #1 beside it
+    assert len(paired["seconds"]) == len(paired["first_seconds"]) == 2 and sp["latency"]["sequence_ratio"] > 0
     assert sp["latency_ratio_8_vs_1_filled"] > 0 and len(sp["latency"]["filled"]["seconds"]) == 2
     cfg = unike.UniKEConfig()   # 4 layers x n_neurons x (K column + bias + V row) + one zeta row each, exactly
     assert sp["params_per_edit"] == 4 * (cfg.n_neurons * (2 * 128 + 1) + 128)

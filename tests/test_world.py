@@ -270,17 +270,18 @@ LONG = pytest.mark.slow       # the longest lists: about 20 s each
 @pytest.mark.parametrize("task,n,seed", [("vqa", 10, 0), ("vqa", 10, 1), ("vqa", 100, 2), ("vqa", 100, 3),
                                          pytest.param("vqa", 1000, 4, marks=LONG),
                                          pytest.param("vqa", 1000, 5, marks=LONG), ("caption", 10, 0),
-                                         ("caption", 100, 1), pytest.param("caption", "max", 2, marks=LONG)])
+                                         ("caption", 100, 1), pytest.param("caption", "max", 2, marks=LONG),
+                                         ("cross", 40, 0), ("cross", "max", 1)])
 def test_v2_lists_are_sequence_safe(world2, task, n, seed):
     n = world2.max_cases(task) if n == "max" else n
     _check_sequence_safe(world2, world2.edit_cases(task, n, seed=seed), task, n)
 
 
-@pytest.mark.parametrize("task,n", [("vqa", 100), ("vqa", 200), ("caption", 99)])
+@pytest.mark.parametrize("task,n", [("vqa", 100), ("vqa", 200), ("caption", 99), ("cross", 40), ("cross", 50)])
 def test_v1_sequence_safe_lists(task, n):
     """The shipped model's world gives sequence-safe lists on request (its default lists are the measured ones)."""
     world = SynthWorld(seed=0)
-    assert world.max_cases(task, sequence_safe=True) == {"vqa": 200, "caption": 99}[task]
+    assert world.max_cases(task, sequence_safe=True) == {"vqa": 200, "caption": 99, "cross": 50}[task]
     _check_sequence_safe(world, world.edit_cases(task, n, seed=1, sequence_safe=True), task, n)
     with pytest.raises(ValueError, match=f"at most {world.max_cases(task, True)} sequence-safe"):
         world.edit_cases(task, world.max_cases(task, True) + 1, sequence_safe=True)
@@ -294,7 +295,7 @@ def _check_sequence_safe(world2, cases, task, n):
     new_names = {c.target for c in cases if c.meta["fact"] == "name"} | \
         {world2.entities[c.meta["name_from"]].name for c in cases if c.task == "caption"}
     for c in cases:
-        assert c.meta["edits"] == (["name", "kind"] if task == "caption" else [c.meta["fact"]])
+        assert c.meta["edits"] == (["name", "kind"] if c.task == "caption" else [c.meta["fact"]])
         for probe, reads in probe_reads(world2, c).items():
             assert not reads & edited, f"{probe} asks about an edited fact: {reads & edited}"
         if c.meta["loc"][0] == "diet_by_name":
@@ -302,6 +303,22 @@ def _check_sequence_safe(world2, cases, task, n):
     if task == "caption":
         assert {f for _, f in edits} == {"name", "kind"}
         assert len({c.meta["entity"] for c in cases}) == n
+    if task == "cross":   # VQA first, then captions; no entity edited by both
+        tasks = [c.task for c in cases]
+        assert tasks == sorted(tasks, reverse=True) and tasks.count("vqa") == n // 2
+        assert not {c.meta["entity"] for c in cases if c.task == "vqa"} & \
+            {c.meta["entity"] for c in cases if c.task == "caption"}
+
+
+def test_cross_lists():
+    """The bench's cross-task lists: as drawn alone unless sequence-safe; the VQA share; errors."""
+    world = SynthWorld(seed=0)
+    alone = world.edit_cases("vqa", 3, seed=5) + world.edit_cases("caption", 7, seed=5)
+    assert [c.prompt for c in world.edit_cases("cross", 10, seed=5, vqa=3)] == [c.prompt for c in alone]
+    assert [c.task for c in world.edit_cases("cross", 10, seed=5, sequence_safe=True, vqa=3)] == \
+        ["vqa"] * 3 + ["caption"] * 7
+    with pytest.raises(ValueError, match="between 0 and 10 VQA"):
+        world.edit_cases("cross", 10, vqa=11)
 
 
 def test_v2_list_sizes_and_errors(world2):

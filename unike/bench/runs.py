@@ -63,7 +63,12 @@ class Setup:
         if task != "cross":
             return self.task_cases(task, n, seed)
         half = k // 2
-        vqa, cap = self.task_cases("vqa", n * half // k, seed), self.task_cases("caption", n - n * half // k, seed)
+        n_vqa = n * half // k
+        if self.world is not None:       # sequence-safe lists are safe across the two tasks too
+            both = self.world.edit_cases("cross", n, seed, self.sequence_safe, vqa=n_vqa)
+            vqa, cap = both[:n_vqa], both[n_vqa:]
+        else:
+            vqa, cap = self.task_cases("vqa", n_vqa, seed), self.task_cases("caption", n - n_vqa, seed)
         out = []
         for c in range(n // k):
             out += vqa[c * half:(c + 1) * half] + cap[c * (k - half):(c + 1) * (k - half)]

@@ -9,8 +9,10 @@
   the relevance gate lets retrieve, and on how many of the edits' neurons fire); the same with the
   memory off; and, the worst case, the gate off, so that every token retrieves.
 * **Latency**: one sequence of `edits` real edits, each trained for the config's `edit_steps` (or
-  `steps`) with the early stop off, so every edit does the same work; the ratio is the median of the
-  last 10 edits over the first 10. Fewer steps than the default leave edits half trained, their neurons
+  `steps`) with the early stop off, so every edit does the same work; then 10 more cases, each edited
+  after the sequence and, in the adjacent run, as edit #1 by a twin editor of the same fitted state: the
+  ratio is the median per-pair ratio (the sequence's last 10 over its first 10 is kept as
+  `sequence_ratio`: other cases, minutes apart). Fewer steps than the default leave edits half trained, their neurons
   firing on most tokens: that measures a state no real sequence reaches.
 * **Size of an edit**: exact element and byte counts that one real edit adds to the editor's state.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import tempfile
 import time
 
 import torch
@@ -201,45 +204,74 @@ def fill_negatives(editor: UniKE, rows_per_edit: float, edits: int, seed: int = 
         layer.edited = torch.cat([kept, extra.to(kept)])
 
 
+def paired_edits(editor: UniKE, fresh: UniKE, cases, desc: str, progress: bool = True) -> dict:
+    """Each case edited twice in adjacent runs (order swapped every pair): by `editor` after its edits, and by
+    `fresh` (the same fitted state, no edit; reset after each) as an edit #1. Per-pair ratios cancel what
+    the CPU does over a long sequence and what the cases differ in."""
+    seconds, first = [], []
+    for i, case in enumerate(tqdm(cases, desc=desc, disable=not progress)):
+        order = [(editor, seconds), (fresh, first)]
+        for ed, out in order if i % 2 == 0 else order[::-1]:
+            out += timed_edits(ed, [case], desc, progress=False)
+        fresh.reset()
+    ratios = [s / f for s, f in zip(seconds, first)]
+    return {"ratio": statistics.median(ratios), "median_s": statistics.median(seconds),
+            "first_median_s": statistics.median(first), "seconds": [round(s, 4) for s in seconds],
+            "first_seconds": [round(s, 4) for s in first]}
+
+
 def edit_latency(setup: Setup, triplets, *, edits: int, steps: int | None = None, at: int | None = None,
                  seed: int = 0, progress: bool = True) -> dict:
     """Seconds of each edit in one sequence of `edits` real edits (`steps` each; default: the config's
-    `edit_steps`), the last-10 / first-10 median ratio, and the size of the first edit. With `at` >
-    `edits`, the sequence then jumps
-    to edit number `at`: the state of the edits in between is filled with random tensors of the real
-    shapes (neurons, memory entries, kept negatives at the measured rate) and 10 more real edits are
-    timed ("filled": what edit number `at` costs, without running every edit before it)."""
+    `edit_steps`) and the size of the first edit. The ratio: `m` (≤ 10) more cases, each edited after the
+    sequence and, in the adjacent run, as edit #1 by a twin editor of the same fitted state
+    (`paired_edits`): the median per-pair ratio. `sequence_ratio` is the median of the sequence's last `m`
+    edits over its first `m` (other cases, minutes apart). With `at` > `edits`, the sequence then jumps to
+    edit number `at`: the state of the edits in between is filled with random tensors of the real shapes
+    (neurons, memory entries, kept negatives at the measured rate) and `m` more cases are timed the same
+    paired way ("filled": what edit number `at` costs, without running every edit before it)."""
     # a probability never exceeds 2: no early stop
     cfg = UniKEConfig(seed=seed, stop_prob=2.0, **({} if steps is None else {"edit_steps": steps}))
     task = "vqa" if setup.world is not None or "vqa" in setup.data else sorted(setup.data)[0]
-    pool = setup.task_cases(task, edits if setup.world is not None else min(edits, len(setup.data[task])), seed)
+    m = min(10, max(1, edits // 2))
+    need = edits + 2 * m if at and at >= edits + 2 * m else edits + m
+    pool = setup.task_cases(task, need if setup.world is not None else min(need, len(setup.data[task])), seed)
+    pick = lambda i: pool[i % len(pool)]                                      # noqa: E731
+    twin = copy.deepcopy(setup.model)
     editor = UniKE(setup.model, setup.processor, cfg)
+    fresh = None
     try:
         editor.fit(triplets, progress=progress)
+        with tempfile.TemporaryDirectory() as tmp:
+            editor.save(tmp)
+            fresh = UniKE.load(twin, setup.processor, tmp)
         size = {}
         first_size = lambda before: size.update(added_per_edit(before, state_sizes(editor)))  # noqa: E731
-        seconds = timed_edits(editor, [pool[i % len(pool)] for i in range(edits)], f"{edits} sequential edits",
+        seconds = timed_edits(editor, [pick(i) for i in range(edits)], f"{edits} sequential edits",
                               progress, on_first=first_size)
-        m = min(10, max(1, edits // 2))
         first, last = statistics.median(seconds[:m]), statistics.median(seconds[-m:])
-        out = {"ratio": last / first, "edits": edits, "edit_steps": cfg.edit_steps, "early_stop": False,
-               "window": m, "first_median_s": first, "last_median_s": last,
-               "seconds": [round(s, 4) for s in seconds], "per_edit": size or None, "model": setup.label}
-        if at and at > edits + m:
-            skipped = at - edits - m
-            rows = len(editor.layers[editor.layer_ids[0]].edited) / edits
+        paired = paired_edits(editor, fresh, [pick(edits + i) for i in range(m)],
+                              f"edits {edits + 1}..{edits + m} beside edit #1", progress)
+        out = {"ratio": paired["ratio"], "edits": edits, "edit_steps": cfg.edit_steps, "early_stop": False,
+               "window": m, "paired": paired, "sequence_ratio": last / first, "first_median_s": first,
+               "last_median_s": last, "seconds": [round(s, 4) for s in seconds], "per_edit": size or None,
+               "model": setup.label}
+        if at and at >= edits + 2 * m:
+            skipped = at - edits - 2 * m
+            rows = len(editor.layers[editor.layer_ids[0]].edited) / (edits + m)
             fill(editor, edits=skipped, memory=skipped, seed=seed, fitted=False)
             fill_negatives(editor, rows, skipped, seed=seed)
-            tail = timed_edits(editor, [pool[(edits + i) % len(pool)] for i in range(m)],
-                               f"edits {at - m + 1}..{at} (after filling)", progress)
-            out["filled"] = {"at": at, "ratio": statistics.median(tail) / first, "median_s": statistics.median(tail),
-                             "seconds": [round(s, 4) for s in tail],
-                             "how": f"{edits} real edits, then the neurons, memory entries and kept negatives of "
-                                    f"{skipped} more edits filled with random tensors of the real shapes, then "
-                                    f"{m} real edits timed"}
+            tail = paired_edits(editor, fresh, [pick(edits + m + i) for i in range(m)],
+                                f"edits {at - m + 1}..{at} (after filling) beside edit #1", progress)
+            out["filled"] = {"at": at, **tail,
+                             "how": f"{edits + m} real edits, then the neurons, memory entries and kept negatives "
+                                    f"of {skipped} more edits filled with random tensors of the real shapes, then "
+                                    f"{m} real edits, each beside an edit #1 of the same case"}
         return out
     finally:
         editor.detach()
+        if fresh is not None:
+            fresh.detach()
 
 
 def speed(setup: Setup, triplets, runs: list[dict], *, seed: int = 0, mid: tuple[int, int] = (1024, 8),

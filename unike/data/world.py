@@ -48,6 +48,7 @@ __all__ = ["ATTRIBUTES", "CAPITALS", "CAPTION_PROMPTS", "CLIMATES", "COLOURS", "
 EVAL_SEED = 10**6  # rendering seeds >= this are never used in training
 DEFAULT_VERSION = 1  # the shipped tiny model knows version 1; set 2 here once a model trained on version 2 ships
 
+TASKS = ("vqa", "caption", "cross")  # a fact, a caption, or a list of both
 WRITES = {"caption": ("name", "kind")}  # the facts an edit changes (a fact edit: that fact)
 READS = {"caption": ("name", "kind", "habitat")}  # the facts a question's answer depends on
 
@@ -194,18 +195,21 @@ class SynthWorld:
     def max_cases(self, task: str = "vqa", sequence_safe: bool | None = None) -> int | None:
         """The most cases one sequence-safe `edit_cases(task, n)` list can hold: two per entity for VQA (at
         most half the entities per fact, one fact per entity left for CI-Loc), every entity but one for
-        captions (one left for RI-Loc); None for the version-1 lists, which repeat (entity, fact) pairs
-        past the pool's end. `sequence_safe`: as in `edit_cases`."""
-        if task not in ("vqa", "caption"):
-            raise ValueError(f"task must be 'vqa' or 'caption', got {task!r}")
+        captions (one left for RI-Loc), half the entities for a cross-task list (so every RI and locality
+        probe still finds an entity no edit touched); None for the version-1 lists, which repeat (entity,
+        fact) pairs past the pool's end. `sequence_safe`: as in `edit_cases`."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if not (self.version >= 2 if sequence_safe is None else sequence_safe):
             return None
         n = len(self.entities)
-        return n * (len(FACTS) - 1) // 2 if task == "vqa" else n - 1
+        return {"vqa": n * (len(FACTS) - 1) // 2, "caption": n - 1, "cross": n // 2}[task]
 
-    def edit_cases(self, task: str = "vqa", n: int = 100, seed: int = 0,
-                   sequence_safe: bool | None = None) -> list[EditCase]:
-        """`n` held-out edit cases with every probe filled; task "vqa" (a fact) or "caption".
+    def edit_cases(self, task: str = "vqa", n: int = 100, seed: int = 0, sequence_safe: bool | None = None,
+                   vqa: int | None = None) -> list[EditCase]:
+        """`n` held-out edit cases with every probe filled; task "vqa" (a fact), "caption", or "cross": `vqa`
+        VQA cases (default n // 2), then the captions. A sequence-safe cross list is safe across the two
+        tasks too: no entity is edited by both, and no probe reads a fact that any case of the list writes.
 
         Sequence-safe lists (version 2's default; `sequence_safe=True` in version 1 too) can be edited as
         one sequence: no two cases edit the same entity fact, and no probe asks about a fact another case
@@ -220,8 +224,13 @@ class SynthWorld:
             raise ValueError(f"n = {n}, but this world holds at most {limit} sequence-safe {task} cases; ask for "
                              f"fewer or build a bigger world (SynthWorld(version=2, n_entities=...), at most "
                              f"{len(SHAPES) * len(self.colours) * len(PATTERNS)} entities)")
+        vqa = n // 2 if vqa is None else vqa
+        if task == "cross" and not 0 <= vqa <= n:
+            raise ValueError(f"vqa = {vqa}: a cross list of n = {n} holds between 0 and {n} VQA cases")
+        if task == "cross" and not sequence_safe:    # the two lists as they are drawn alone
+            return self.edit_cases("vqa", vqa, seed, False) + self.edit_cases("caption", n - vqa, seed, False)
         rng = random.Random(f"edit-{task}-{self.seed}-{seed}")
-        return self._safe_cases(rng, task, n) if sequence_safe else self._cases_v1(rng, task, n)
+        return self._safe_cases(rng, task, n, vqa) if sequence_safe else self._cases_v1(rng, task, n)
 
     def _case(self, rng: random.Random, e: Entity, ri: Entity, mloc: Entity, meta: dict, **fields) -> EditCase:
         """Draw the four rendering seeds and build the case."""
@@ -274,26 +283,35 @@ class SynthWorld:
                 mloc_answer=mloc_answer, ci_prompt=ci_prompt, ci_answer=ci_answer, ri_answer=ri_answer, task=task))
         return cases
 
-    def _pick_edits(self, rng: random.Random, task: str, n: int) -> list[tuple[Entity, str]]:
-        """`n` distinct (entity, fact) edits; VQA: at most half the entities per fact and one fact left per entity."""
+    def _pick_edits(self, rng: random.Random, task: str, n: int, vqa: int = 0) -> list[tuple[Entity, str]]:
+        """`n` distinct (entity, key) edits: captions of `n` entities; VQA facts, at most half the entities per
+        fact and one fact left per entity; cross: `vqa` facts of entities that no caption edit renames."""
         if task == "caption":
             return [(e, "caption") for e in rng.sample(self.entities, n)]
-        pool = [(e, f) for e in self.entities for f in FACTS]
+        if task == "vqa":
+            return self._pick_facts(rng, self.entities, n)
+        captions = [(e, "caption") for e in rng.sample(self.entities, n - vqa)]
+        renamed = {e.index for e, _ in captions}
+        return self._pick_facts(rng, [e for e in self.entities if e.index not in renamed], vqa) + captions
+
+    @staticmethod
+    def _pick_facts(rng: random.Random, entities: list[Entity], n: int) -> list[tuple[Entity, str]]:
+        pool = [(e, f) for e in entities for f in FACTS]
         rng.shuffle(pool)
-        per_entity, per_fact, picked = [0] * len(self.entities), dict.fromkeys(FACTS, 0), []
+        per_entity, per_fact, picked = dict.fromkeys((e.index for e in entities), 0), dict.fromkeys(FACTS, 0), []
         # greedy under both caps; it reaches max_cases: if a fact ends below its cap, each entity it skipped
         # already had 4 edits, and over half the entities were skipped: at least 2 edits per entity
         for e, f in pool:
             if len(picked) == n:
                 break
-            if per_entity[e.index] < len(FACTS) - 1 and per_fact[f] < len(self.entities) // 2:
+            if per_entity[e.index] < len(FACTS) - 1 and per_fact[f] < len(entities) // 2:
                 per_entity[e.index] += 1
                 per_fact[f] += 1
                 picked.append((e, f))
         return picked
 
-    def _safe_cases(self, rng: random.Random, task: str, n: int) -> list[EditCase]:
-        edits = self._pick_edits(rng, task, n)
+    def _safe_cases(self, rng: random.Random, task: str, n: int, vqa: int = 0) -> list[EditCase]:
+        edits = self._pick_edits(rng, task, n, vqa)
         edited = {(e.index, f) for e, key in edits for f in WRITES.get(key, (key,))}
 
         def safe(o: Entity, key: str) -> bool:  # no fact this question about `o` reads is edited in the list
@@ -303,12 +321,12 @@ class SynthWorld:
 
         firsts, new_names = [], set()  # the edits and their RI probes first: the other probes avoid new names
         for e, key in edits:
-            if task == "vqa":
+            if key != "caption":
                 i, j = rng.sample(range(3), 2)
                 prompt, rephrase, truth = QUESTIONS[key][i], QUESTIONS[key][j], e.get(key)
                 target = rng.choice([v for v in self.answers(key) if v != truth])
                 ri = rng.choice([o for o in unedited[key] if o.get(key) not in (truth, target)])
-                meta, ri_answer = {"fact": key}, ri.get(key)
+                meta, ri_answer, kind = {"fact": key}, ri.get(key), "vqa"
                 new_names |= {target} if key == "name" else set()
             else:
                 prompt, rephrase = rng.sample(CAPTION_PROMPTS, 2)
@@ -317,10 +335,11 @@ class SynthWorld:
                 o1 = rng.choice([o for o in self.entities if o is not e and o is not ri])
                 o2 = self._other(rng, e, "kind", avoid=(e.facts["kind"],))
                 target = f"{o1.name} the {e.colour} {o2.facts['kind']} of the {e.facts['habitat']}"
-                meta, ri_answer = {"fact": key, "name_from": o1.index, "kind_from": o2.index}, self.caption(ri)
+                meta, ri_answer, kind = ({"fact": key, "name_from": o1.index, "kind_from": o2.index},
+                                         self.caption(ri), "caption")
                 new_names.add(o1.name)
             firsts.append((e, key, ri, meta, dict(prompt=prompt, rephrase_prompt=rephrase, ground_truth=truth,
-                                                  target=target, ri_answer=ri_answer, task=task)))
+                                                  target=target, ri_answer=ri_answer, task=kind)))
         text_facts = self.text_facts()
         cases = []
         for e, key, ri, meta, fields in firsts:
