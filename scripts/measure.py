@@ -4,7 +4,8 @@
     python scripts/measure.py TASK MODE K N SEED [--safe] [--protocol exact,token_acc] [--alpha N] [key=value ...]
 
 Fit on `SynthWorld(seed=0).triplets(n=--triplets (2000), seed=3)` (its states cached under --cache), cases
-`SynthWorld(seed=0).edit_cases(TASK, n=N, seed=SEED, sequence_safe=--safe)`, `UniKEConfig(seed=SEED, **key=value)`
+`SynthWorld(seed=0).edit_cases(TASK, n=N, seed=SEED, sequence_safe=--safe)` (TASK cross: as the bench
+draws them, half VQA and half captions in each K), `UniKEConfig(seed=SEED, **key=value)`
 (values are Python literals: `scoped_negatives=False`, `latent_read="'heads'"`). Example, the K = 100 rows:
 
     python scripts/measure.py vqa sequential 100 100 14 --safe
@@ -18,6 +19,7 @@ import torch
 
 import unike
 from unike.bench.alpha import alpha_points, summary
+from unike.bench.runs import Setup
 
 FIVE = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
@@ -47,7 +49,8 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(states, path)
     editor.fit_states(states)
-    cases = world.edit_cases(args.task, n=args.n, seed=args.seed, sequence_safe=args.safe or None)
+    setup = Setup(model, processor, "tiny", world, sequence_safe=args.safe or None)
+    cases = setup.cases(args.task, args.n, args.seed, args.k)    # task cross: half VQA, half captions per K
     for protocol in args.protocol.split(","):
         start = time.time()
         scores = unike.evaluate(editor, cases, protocol, mode=args.mode, k=args.k)

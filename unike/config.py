@@ -44,6 +44,7 @@ class UniKEConfig:
     neg_memory_size: int = 4096          # FFN inputs kept from fit() as negatives for the activation loss
     key_ridge: float | None = 0.1        # None: keys along q − μ (T-Patcher); else the ridge of Σ⁻¹(q − μ)
     memory_positives: bool = True        # fit inputs that are the same knowledge as the edit train the neurons to fire
+    own_answer_negatives: bool = True    # each neuron silent at the edit's other answer positions (ours)
     image_negatives: int = 16            # other fit questions over the edit's image, as negatives (EditCase edits)
     neg_exclude_cos: float = 0.9         # negatives this close to the edit input are not pushed down
     prompt_negatives: int = 0            # FFN inputs at the image tokens of fit prompts (other images' patches) kept

@@ -96,7 +96,9 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
     Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
     the edit's own prompt positions and `extra` (other questions over the edit's image: their FFN inputs
-    per layer and their states at the first edited layer, `Collector.image_negatives`). With the `router`
+    per layer and their states at the first edited layer, `Collector.image_negatives`); with
+    `own_answer_negatives`, the edit's answer positions that predict another token than a neuron's own
+    (live states). With the `router`
     that will gate the edit (and the edit's image threshold `radius`), the neurons train against (and stop
     on) the negatives its gate reaches only: elsewhere the gate keeps them silent."""
     cfg, labels = config, inputs["labels"]
@@ -114,6 +116,11 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
         reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
                                       states[l0].x[neg_mask], extra_x, radius).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
+    # every answer position a neuron is not keyed at, unless it predicts the same token: there it stays silent
+    slot = pos_mask.flatten().cumsum(0).view_as(labels) - 1                   # answer position → row
+    predicts = labels[:, 1:][pos_mask[:, :-1]]                                 # [A] the token each predicts
+    elsewhere = predicts[:, None] != predicts[slot[rows, cols][assign]][None]  # [A, n]
+    elsewhere &= torch.tensor(cfg.own_answer_negatives, device=elsewhere.device)
     negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
     for l, layer in layers.items():
         q_pos, neg = states[l].q[rows, cols], pools[l]                     # [P, d], [m, d]
@@ -154,6 +161,9 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
                     act = act + F.relu(cfg.margin_pos - z_of(positives[l])[:, first]).mean()
                 if len(negatives[l]):
                     neg_loss = neg_loss + violation(z_of(negatives[l]), cfg.margin_neg)
+                if elsewhere.any():
+                    z_ans = z_of(tokens(layer.q, inputs)[pos_mask])                     # [A, n] live
+                    neg_loss = neg_loss + violation(z_ans[elsewhere], cfg.margin_neg)
                 if len(inside[l]) and not first.all():
                     neg_loss = neg_loss + violation(z_of(inside[l])[:, ~first], cfg.margin_neg)
                 if len(prompts[l]):        # a term of its own: many easy rows do not dilute the others
