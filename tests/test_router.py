@@ -182,6 +182,25 @@ def test_edit_routes_to_its_scope_only(tiny):
 
 
 @pytest.mark.slow
+def test_training_steps_reuse_the_gate_exactly(tiny, monkeypatch):
+    """The steps of one edit repeat one call, whose first edited layer's input no edit moves: the router
+    runs once per edit (`Scope.hold`), and the edits are bit-identical to routing at every step."""
+    model, processor, world, editor = tiny
+    cases = world.edit_cases("vqa", n=3, seed=2)
+    calls = []
+    forward = EditRouter.forward
+    monkeypatch.setattr(EditRouter, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    _edit_all(editor, cases, stop_prob=2.0, edit_steps=8)
+    held = {k: v.clone() for k, v in editor.state().items()}
+    assert len(calls) == 2                     # edits 2 and 3 (edit 1 has no committed edit to route)
+    monkeypatch.setattr(type(editor.scope), "hold", lambda self, pending: setattr(self, "pending", pending))
+    calls.clear()
+    _edit_all(editor, cases, stop_prob=2.0, edit_steps=8)
+    assert len(calls) == 2 * 9                 # 8 steps and the last forward, each routed again
+    assert all(torch.equal(held[k], v) for k, v in editor.state().items())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", [(2, 13), (69, 84)])
 def test_rivals_keep_an_earlier_lookalike_edit(tiny, pair):
     """Two edits of the same fact of look-alike entities (a pair found in the sequence-safe K = 100 list of

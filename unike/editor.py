@@ -246,12 +246,12 @@ class UniKE:
         if cfg.intrinsic:
             extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
                 item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
-            self.scope.pending = (first.x[at], first.image, radius)       # its memory entry opens as it will
+            self.scope.hold((first.x[at], first.image, radius))     # its memory entry opens as it will
             try:
                 info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
                                      self.router if cfg.route and cfg.scoped_negatives else None, progress, radius)
             finally:
-                self.scope.pending = None
+                self.scope.release()
         if self.fitted:                               # the fitted entries of the facts it changes leave retrieval
             changed = self.router.changed(first.x[at], first.image, radius)
             for memory in self.memory.values():
