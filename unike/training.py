@@ -98,9 +98,9 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     the edit's own prompt positions and `extra` (other questions over the edit's image: their FFN inputs
     per layer and their states at the first edited layer, `Collector.image_negatives`); with
     `own_answer_negatives`, the edit's answer positions that predict another token than a neuron's own
-    (live states). With the `router`
-    that will gate the edit (and the edit's image threshold `radius`), the neurons train against (and stop
-    on) the negatives its gate reaches only: elsewhere the gate keeps them silent."""
+    (where they are not the same knowledge as its own position). With the `router` that will gate the
+    edit (and the edit's image threshold `radius`), the neurons train against (and stop on) the negatives
+    its gate reaches only: elsewhere the gate keeps them silent."""
     cfg, labels = config, inputs["labels"]
     pos_mask = target_positions(labels)                       # positions that predict target tokens
     neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
@@ -116,11 +116,16 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
         reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
                                       states[l0].x[neg_mask], extra_x, radius).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
-    # every answer position a neuron is not keyed at, unless it predicts the same token: there it stays silent
+    # the answer positions a neuron stays silent at: those that predict another token than its own, unless
+    # they are the same knowledge as its own position (`unrelated`, as for every negative)
     slot = pos_mask.flatten().cumsum(0).view_as(labels) - 1                   # answer position → row
     predicts = labels[:, 1:][pos_mask[:, :-1]]                                 # [A] the token each predicts
     elsewhere = predicts[:, None] != predicts[slot[rows, cols][assign]][None]  # [A, n]
-    elsewhere &= torch.tensor(cfg.own_answer_negatives, device=elsewhere.device)
+    apart = torch.stack([unrelated({l: st.q[r, c][None] for l, st in states.items()},
+                                   {l: st.q[pos_mask] for l, st in states.items()}, cfg.neg_exclude_cos,
+                                   {l: ly.negatives for l, ly in layers.items()})
+                         for r, c in zip(rows.tolist(), cols.tolist())], 1)     # [A, P]
+    elsewhere &= apart[:, assign].to(elsewhere.device) & cfg.own_answer_negatives
     negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
     for l, layer in layers.items():
         q_pos, neg = states[l].q[rows, cols], pools[l]                     # [P, d], [m, d]
@@ -162,7 +167,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
                 if len(negatives[l]):
                     neg_loss = neg_loss + violation(z_of(negatives[l]), cfg.margin_neg)
                 if elsewhere.any():
-                    z_ans = z_of(tokens(layer.q, inputs)[pos_mask])                     # [A, n] live
+                    z_ans = z_of(states[l].q[pos_mask])                                 # [A, n]
                     neg_loss = neg_loss + violation(z_ans[elsewhere], cfg.margin_neg)
                 if len(inside[l]) and not first.all():
                     neg_loss = neg_loss + violation(z_of(inside[l])[:, ~first], cfg.margin_neg)

@@ -30,10 +30,10 @@ class TPatcher(_Configured):
     losses; the memory is the FFN inputs of the fit questions (`fit` builds only that). No latent
     memory, no spaces, no ζ, and our additions that have a switch are off: every memory input is pushed
     down, same-knowledge ones included (`neg_exclude_cos` above any cosine), no memory positives, no
-    image negatives."""
+    image negatives, no negatives at the edit's own answer positions."""
 
     FIXED = dict(layers=1, latent=False, collaboration=False, zeta="none", key_ridge=None,
-                 image_negatives=0, memory_positives=False, neg_exclude_cos=2.0)
+                 image_negatives=0, memory_positives=False, neg_exclude_cos=2.0, own_answer_negatives=False)
 
 
 class LatentIKE(_Configured):
