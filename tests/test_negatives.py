@@ -71,31 +71,31 @@ def test_prompt_negatives_are_kept_and_trained_against(tiny, tmp_path):
 @pytest.mark.slow
 def test_own_answer_positions_keep_a_caption_from_running_on(tiny):
     """`own_answer_negatives`: each neuron is silent at the edit's other answer positions (those that
-    predict another token), so a caption edit's name neuron does not fire again inside the caption, and
-    the rephrased prompt's greedy caption is the target, where without it the caption runs on."""
-    model, processor, states, _ = tiny
+    predict another token; on the unedited states, which it trains on), so a caption edit's name neuron
+    does not fire again inside the caption, and the rephrased prompt's greedy caption is the target,
+    where without it the caption runs on."""
+    model, processor, fit, _ = tiny
     listed = unike.SynthWorld(seed=0).edit_cases("caption", n=20, seed=12, sequence_safe=True)
     cases = [listed[i] for i in (13, 19)]        # two that run on one-step without the option
     said, firing = {}, {}
     for on in (True, False):
         editor = unike.UniKE(model, processor, unike.UniKEConfig(own_answer_negatives=on))
-        editor.fit_states(states, progress=False)
+        editor.fit_states(fit, progress=False)
         said[on], firing[on] = [], 0
         try:
             for case in cases:
                 editor.edit(case)
                 said[on] += [unike.answer(model, processor, case.image, case.rephrase_prompt),
                              unike.answer(model, processor, case.rephrase_image, case.prompt)]
-                inputs = editor._inputs(case)              # teacher-forced: the live FFN inputs
-                with torch.no_grad():
-                    model(**{k: v for k, v in inputs.items() if k != "labels"})
+                inputs = editor._inputs(case)       # teacher-forced: the unedited FFN inputs it trains on
+                states = editor.collector.states(inputs)
                 at = targets(inputs["labels"], eos_id_of(model, processor))[0].nonzero().squeeze(1)
                 answer = target_positions(inputs["labels"])[0].nonzero().squeeze(1)
                 token = inputs["labels"][0, 1:]
                 keyed = at[torch.arange(editor.config.n_neurons) % len(at)]   # neuron j ↔ target position
                 other = token[answer][:, None] != token[keyed][None]             # [A, n]
-                for l, layer in editor.layers.items():
-                    z = editor.neurons[l].preactivation(layer.q.reshape(len(token) + 1, -1)[answer])
+                for l in editor.layer_ids:
+                    z = editor.neurons[l].preactivation(states[l].q[0, answer])
                     firing[on] += int((z[other] > 0).sum())
                 editor.reset()
         finally:
