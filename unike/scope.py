@@ -25,7 +25,8 @@ class Scope:
         self.call: tuple = (None, None)                  # (input_ids, KV cache) of the current call
         self.images = weakref.WeakKeyDictionary()       # a KV cache -> its prompts' image codes
         self.pending: tuple | None = None   # (target states, image, radius) of the edit being trained
-        self.held: tuple | None = None      # (input_ids, x, gate, pending gate) while the pending edit trains
+        self.holding = False                # while the pending edit trains: keep the last call's gates
+        self.held: tuple | None = None      # (input_ids, x, gate, pending gate) of that call
 
     def attach(self, model: nn.Module, block: nn.Module, hooks: Hooks) -> None:
         hooks.pre(block, self._gate, with_kwargs=True)
@@ -40,22 +41,21 @@ class Scope:
 
     def _gate(self, module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        ids = self.call[0]
-        held = self.held
-        if held is not None and held[0] is not None and _same(ids, held[0]) and _same(x, held[1]):
+        ids, held = self.call[0], self.held
+        if held is not None and _same(ids, held[0]) and _same(x, held[1]):
             self.switch.gate, self.switch.pending = held[2:]    # the same call again: the same gates
             return
         self.switch.gate, self.switch.pending = self.route(x), self.pending_gate(x)
-        if held is not None:
+        if self.holding:
             self.held = (ids, x.detach().clone(), self.switch.gate, self.switch.pending)
 
     def hold(self, pending: tuple) -> None:
         """While the edit `pending` trains, its steps repeat one call, whose first edited layer's input no
         edit moves: a forward whose input_ids and input there equal the last one's reuses its gates."""
-        self.pending, self.held = pending, (None,)
+        self.pending, self.holding = pending, True
 
     def release(self) -> None:
-        self.pending = self.held = None
+        self.pending, self.holding, self.held = None, False, None
 
     def route(self, x: Float[Tensor, "b t d"]) -> Bool[Tensor, "b t e"] | None:
         """g_e at every position of x (the first edited layer's input), or None where nothing is gated."""

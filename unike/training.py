@@ -117,15 +117,16 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
                                       states[l0].x[neg_mask], extra_x, radius).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
     # the answer positions a neuron stays silent at: those that predict another token than its own, unless
-    # they are the same knowledge as its own position (`unrelated`, as for every negative)
-    slot = pos_mask.flatten().cumsum(0).view_as(labels) - 1                   # answer position → row
-    predicts = labels[:, 1:][pos_mask[:, :-1]]                                 # [A] the token each predicts
-    elsewhere = predicts[:, None] != predicts[slot[rows, cols][assign]][None]  # [A, n]
-    apart = torch.stack([unrelated({l: st.q[r, c][None] for l, st in states.items()},
-                                   {l: st.q[pos_mask] for l, st in states.items()}, cfg.neg_exclude_cos,
-                                   {l: ly.negatives for l, ly in layers.items()})
-                         for r, c in zip(rows.tolist(), cols.tolist())], 1)     # [A, P]
-    elsewhere &= apart[:, assign].to(elsewhere.device) & cfg.own_answer_negatives
+    # they are the same knowledge as its own position (`unrelated`, as for every negative); None: none
+    answers, elsewhere = {l: st.q[pos_mask] for l, st in states.items()}, None     # [A, d] per layer
+    if cfg.own_answer_negatives:
+        slot = pos_mask.flatten().cumsum(0).view_as(labels) - 1               # answer position → row
+        predicts = labels[:, 1:][pos_mask[:, :-1]]                             # [A] the token each predicts
+        apart = torch.stack([unrelated({l: st.q[r, c][None] for l, st in states.items()}, answers,
+                                       cfg.neg_exclude_cos, {l: ly.negatives for l, ly in layers.items()})
+                             for r, c in zip(rows.tolist(), cols.tolist())], 1)  # [A, P]
+        elsewhere = (predicts[:, None] != predicts[slot[rows, cols][assign]][None]) & apart[:, assign]  # [A, n]
+        elsewhere = elsewhere if elsewhere.any() else None
     negatives, positives, inside, prompts, groups = {}, {}, {}, {}, []
     for l, layer in layers.items():
         q_pos, neg = states[l].q[rows, cols], pools[l]                     # [P, d], [m, d]
@@ -166,9 +167,8 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
                     act = act + F.relu(cfg.margin_pos - z_of(positives[l])[:, first]).mean()
                 if len(negatives[l]):
                     neg_loss = neg_loss + violation(z_of(negatives[l]), cfg.margin_neg)
-                if elsewhere.any():
-                    z_ans = z_of(states[l].q[pos_mask])                                 # [A, n]
-                    neg_loss = neg_loss + violation(z_ans[elsewhere], cfg.margin_neg)
+                if elsewhere is not None:
+                    neg_loss = neg_loss + violation(z_of(answers[l])[elsewhere], cfg.margin_neg)
                 if len(inside[l]) and not first.all():
                     neg_loss = neg_loss + violation(z_of(inside[l])[:, ~first], cfg.margin_neg)
                 if len(prompts[l]):        # a term of its own: many easy rows do not dilute the others
