@@ -24,6 +24,25 @@ from unike.bench.runs import Setup
 FIVE = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
 
+def fitted(fields: list[str], seed: int, triplets: int = 2000, cache: str = ".cache/measure"):
+    """The tiny model's editor under `UniKEConfig(seed=seed, **key=value fields)`, fit on
+    `SynthWorld(seed=0).triplets(n=triplets, seed=3)` (states cached under `cache`); and the world."""
+    config = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in fields)}
+    torch.set_num_threads(1)
+    model, processor = unike.load_tiny()
+    world = unike.SynthWorld(seed=0)
+    editor = unike.UniKE(model, processor, unike.UniKEConfig(seed=seed, **config))
+    path = Path(cache) / f"fit{triplets}-{editor.config.latent_read}.pt"
+    if path.exists():
+        states = torch.load(path, weights_only=False)
+    else:
+        states = editor.collect(world.triplets(n=triplets, seed=3))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(states, path)
+    editor.fit_states(states)
+    return editor, world
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, kind in (("task", str), ("mode", str), ("k", int), ("n", int), ("seed", int)):
@@ -35,20 +54,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=int, default=0, help="also α against relevance over this many other cases")
     ap.add_argument("--cache", default=".cache/measure", help="folder for the fit states")
     args = ap.parse_intermixed_args()   # key=value fields before or after the options
-    config = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.config)}
-    torch.set_num_threads(1)
-    model, processor = unike.load_tiny()
-    world = unike.SynthWorld(seed=0)
-    editor = unike.UniKE(model, processor, unike.UniKEConfig(seed=args.seed, **config))
-    read = editor.config.latent_read
-    path = Path(args.cache) / f"fit{args.triplets}-{read}.pt"
-    if path.exists():
-        states = torch.load(path, weights_only=False)
-    else:
-        states = editor.collect(world.triplets(n=args.triplets, seed=3))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(states, path)
-    editor.fit_states(states)
+    editor, world = fitted(args.config, args.seed, args.triplets, args.cache)
+    model, processor = editor.model, editor.processor
     setup = Setup(model, processor, "tiny", world, sequence_safe=args.safe or None)
     cases = setup.cases(args.task, args.n, args.seed, args.k)    # task cross: half VQA, half captions per K
     for protocol in args.protocol.split(","):

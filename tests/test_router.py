@@ -90,15 +90,20 @@ def test_lookalike_radius_keeps_fit_lookalikes_out():
     assert r.radius.tolist() == [pytest.approx(radius)]
 
 
-def test_rivals_split_overlapping_scopes_by_hand():
-    """Two edits of the same question on look-alike images (cos 0.92, both radii 0.5) that hold other
-    knowledge become rivals: each then opens only where the image is closer to its own. Same knowledge, a
-    text-only edit or another question makes none; truncating drops the pairs."""
+def _two_by_two() -> tuple[EditRouter, torch.Tensor]:
+    """A router fit on four 2-d prompts (τ_q 0.9, τ_img 0.5), and a question state."""
     r = EditRouter(2, tau_question=0.9, tau_image=0.5)
     r.fit(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]),
           torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]]), torch.ones(4, dtype=torch.bool),
           torch.arange(4))
-    q = torch.tensor([[1.0, 0.0]])
+    return r, torch.tensor([[1.0, 0.0]])
+
+
+def test_rivals_split_overlapping_scopes_by_hand():
+    """Two edits of the same question on look-alike images (cos 0.92, both radii 0.5) that hold other
+    knowledge become rivals: each then opens only where the image is closer to its own. Same knowledge, a
+    text-only edit or another question makes none; truncating drops the pairs."""
+    r, q = _two_by_two()
     r.add(q, torch.tensor([1.0, 0.2]))
     r.add(torch.tensor([[0.0, 1.0]]), torch.tensor([1.0, 0.1]))       # another question: no rival
     r.add(q, None)                                                      # text only: no rival
@@ -114,6 +119,24 @@ def test_rivals_split_overlapping_scopes_by_hand():
     r.rivals = torch.tensor([[3, 0], [0, 3]])
     r.truncate(3)
     assert r.rivals.shape == (0, 2)
+
+
+def test_a_later_edit_takes_precedence_over_the_edits_it_updates_by_hand():
+    """`neighbours` finds the earlier edits within an image radius of a new one and which of them its question
+    test overlaps; an edit that yields to a later one closes wherever that one opens, and only there."""
+    r, q = _two_by_two()
+    r.add(q, torch.tensor([1.0, 0.2]))
+    r.add(torch.tensor([[0.0, 1.0]]), torch.tensor([1.0, 0.1]))       # another question
+    r.add(q, torch.tensor([-1.0, 0.0]))                                 # another image
+    js, overlap = r.neighbours(q, torch.tensor([1.0, -0.2]))
+    assert js.tolist() == [0, 1] and overlap.tolist() == [True, False]
+    r.add(q, torch.tensor([1.0, -0.2]))
+    r.precede(3, torch.tensor([0]))
+    x = q[None].expand(3, 1, 2)
+    gate = r(x, torch.tensor([[1.0, 0.1], [1.0, -0.1], [1.0, 1.7]]), torch.ones(3, dtype=torch.bool))[:, 0]
+    assert gate[:, [0, 3]].tolist() == [[False, True], [False, True], [True, False]]   # the later one's scope
+    r.truncate(3)
+    assert r.yields.shape == (0, 2)
 
 
 def test_asked_questions_are_checked_on_load():
@@ -241,6 +264,33 @@ def test_asked_rivals_keep_an_edit_off_a_lookalike_edited_image(tiny, pair, prob
     editor.save(tmp_path / "s")
     meta = json.loads((tmp_path / "s" / "unike.json").read_text())
     assert meta["asked"] == editor.asked
+    editor.config = unike.UniKEConfig()
+    editor.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", [(6, 625), (11, 599)])
+def test_an_update_of_an_edited_fact_wins(tiny, pair, tmp_path):
+    """The same fact edited twice, with other renderings and wordings (a pair of seed 0's VQA list without
+    sequence safety, where every fact is edited twice). Without updates the two edits become rivals and
+    the first edit's prompts keep its answer; with them (the base model answers the first edit's question
+    over the second's image as over its own) the second takes precedence wherever it opens, and the first
+    edit's prompt, rephrasing and other image answer the newest value. The precedence is saved."""
+    model, processor, world, editor = tiny
+    old, new = [world.edit_cases("vqa", n=1000, seed=0)[i] for i in pair]
+    assert (old.meta["entity"], old.meta["fact"]) == (new.meta["entity"], new.meta["fact"])
+    said = {}
+    for updates in (False, True):
+        _edit_all(editor, [old, new], route_updates=updates)
+        said[updates] = {unike.answer(model, processor, image, prompt) for image, prompt in
+                         ((old.image, old.prompt), (old.image, old.rephrase_prompt), (old.rephrase_image, old.prompt))}
+        assert unike.answer(model, processor, new.image, new.prompt) == new.target
+        assert editor.router.yields.tolist() == ([[0, 1]] if updates else [])
+        assert (len(editor.router.rivals) == 0) == updates
+    assert said == {False: {old.target}, True: {new.target}}
+    editor.save(tmp_path / "s")
+    loaded = unike.UniKE.load(*unike.load_tiny(), tmp_path / "s")
+    assert torch.equal(loaded.router.yields, editor.router.yields)
     editor.config = unike.UniKEConfig()
     editor.reset()
 

@@ -61,6 +61,8 @@ class UniKEConfig:
                                          # (GRACE's split of overlapping scopes; ours)
     route_asked: bool = True             # and an earlier edit whose radius lets a new edit's image in, asked its
                                          # question over it by the base model, is its rival where the answer differs
+    route_updates: bool = True           # and where it is the same and their questions overlap, the new edit updates
+                                         # that edit's knowledge: it takes precedence wherever it opens (ours)
     scoped_negatives: bool = True        # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True

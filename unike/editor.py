@@ -238,6 +238,10 @@ class UniKE:
             apart = unrelated({l: st.q[at] for l, st in states.items()},
                               {l: self.layers[l].negatives.to(st.q) for l, st in states.items()}, cfg.neg_exclude_cos)
             radius = self.router.lookalike_radius(first.x[at], first.image, apart)
+        asked, other, olds = None, None, self.router.owner[:0]
+        if cfg.route and cfg.route_rivals and cfg.route_asked:
+            asked, other, olds = self._ask(item, first.x[at], first.image, radius)
+            olds = olds if cfg.route_updates else olds[:0]
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:
             for l, st in states.items():
                 v_pos, k_head, v_head = self.collector.attn_values(l, st.h_pos, inputs)
@@ -246,10 +250,11 @@ class UniKE:
         if cfg.intrinsic:
             extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
                 item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
-            self.scope.hold((first.x[at], first.image, radius))     # its memory entry opens as it will
+            self.scope.hold((first.x[at], first.image, radius, olds))     # its memory entry opens as it will
             try:
                 info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
-                                     self.router if cfg.route and cfg.scoped_negatives else None, progress, radius)
+                                     self.router if cfg.route and cfg.scoped_negatives else None, progress, radius,
+                                     self._questions_of(olds))
             finally:
                 self.scope.release()
         if self.fitted:                               # the fitted entries of the facts it changes leave retrieval
@@ -257,31 +262,46 @@ class UniKE:
             for memory in self.memory.values():
                 memory.mask(changed)
         self.router.add(first.x[at], first.image, radius=radius)
-        asked = None
         if cfg.route and cfg.route_rivals:            # split its scope from look-alike edits of other knowledge
-            self.router.split(self._apart(states, at))
-            asked = self._ask_rivals(item) if cfg.route_asked else None
+            apart = self._apart(states, at)
+            apart[olds] = False                       # ... and take precedence over those it updates
+            self.router.split(apart)
+            if other is not None:
+                self.router.rival(self.router.edits - 1, other)
+            self.router.precede(self.router.edits - 1, olds)
         self.asked += [None] * (self.router.edits - 1 - len(self.asked)) + [asked]   # by router index
         self.n_edits += 1
         return info
 
-    def _ask_rivals(self, item) -> list[str] | None:
+    def _ask(self, item, targets: Tensor, image: Tensor | None,
+             radius: float | None) -> tuple[list[str] | None, Tensor | None, Tensor]:
         """For an EditCase with an image: the base model (greedy, one batch) answers its question over its
-        image, and each earlier edit whose image lies within a radius of it (`EditRouter.within`) is asked its
-        own question over that image too. Where that answer is not its own, the two images hold other
-        knowledge and the two edits become rivals (`EditRouter.rival`). Returns [question, its answer], kept
-        in `asked` for later edits to ask; None for other edits."""
+        image, and each earlier edit whose image lies within a radius of it (`EditRouter.neighbours`) is asked
+        its own question over that image too. Where that answer is not its own, the two images hold other
+        knowledge: the two edits become rivals (`EditRouter.rival`). Where it is and their question tests
+        overlap, the new edit updates that edit's knowledge (`EditRouter.precede`). Returns [question, its
+        answer] (kept in `asked` for later edits to ask), the rivals and the edits it updates; (None, None,
+        none) for other edits."""
         if not (isinstance(item, EditCase) and item.image is not None):
-            return None
-        e = self.router.edits - 1
-        js = [j for j in self.router.within(e).tolist() if j < len(self.asked) and self.asked[j] is not None]
-        image = load_image(item.image)
+            return None, None, self.router.owner[:0]
+        js, overlap = self.router.neighbours(targets, image, radius)
+        known = torch.tensor([j < len(self.asked) and self.asked[j] is not None for j in js.tolist()],
+                             dtype=torch.bool, device=js.device)
+        js, overlap = js[known], overlap[known]
         with self.disabled():
-            said = generations(self.model, self.processor,
-                               [Probe("rel", image, q, "") for q in [item.prompt] + [self.asked[j][0] for j in js]])
-        other = [j for j, answer in zip(js, said[1:]) if answer != self.asked[j][1]]
-        self.router.rival(e, torch.tensor(other, dtype=torch.long, device=self.router.owner.device))
-        return [item.prompt, said[0]]
+            said = generations(self.model, self.processor, [Probe("rel", load_image(item.image), q, "") for q in
+                                                            [item.prompt] + [self.asked[j][0] for j in js.tolist()]])
+        same = torch.tensor([answer == self.asked[j][1] for j, answer in zip(js.tolist(), said[1:])],
+                            dtype=torch.bool, device=js.device)
+        return [item.prompt, said[0]], js[~same], js[same & overlap]
+
+    def _questions_of(self, edits: Tensor) -> Tensor | None:
+        """The rows of the edited layers' `edited` pool (one per router key) at the question's last token of
+        `edits`; None where there are none or the layers do not keep one row per key."""
+        owner = self.router.owner
+        if not len(edits) or any(len(layer.edited) != len(owner) for layer in self.layers.values()):
+            return None
+        return torch.isin(owner, edits.to(owner.device)) & self.router.questions()
 
     def _apart(self, states: dict[int, BatchStates], at: Tensor) -> Tensor:
         """Which committed edits hold other knowledge than the one just added: the FFN input at the question's
@@ -292,8 +312,7 @@ class UniKE:
         apart = torch.zeros(self.router.edits, dtype=torch.bool, device=owner.device)
         if not self.fitted or any(len(layer.edited) != len(owner) for layer in self.layers.values()):
             return apart
-        starts = torch.ones_like(owner, dtype=torch.bool)
-        starts[1:] = owner[1:] != owner[:-1]
+        starts = self.router.questions()
         apart[owner[starts]] = unrelated({l: st.q[at] for l, st in states.items()},
                                          {l: self.layers[l].edited[starts.cpu()].to(st.q) for l, st in states.items()},
                                          self.config.neg_exclude_cos,

@@ -198,7 +198,8 @@ def check_state(editor, state: dict[str, Tensor], n_edits: int) -> None:
     routed, owner = len(state["router.has_image"]), state["router.owner"]
     if ({len(state[f"router.{k}"]) for k in ("images", "open", "radius")} != {routed}
             or len(owner) != len(state["router.keys"]) or (len(owner) and int(owner.max()) >= routed)
-            or state["router.rivals"].shape[1:] != (2,) or bool((state["router.rivals"] >= routed).any())
+            or any(state[f"router.{k}"].shape[1:] != (2,) or bool((state[f"router.{k}"] >= routed).any())
+                   for k in ("rivals", "yields"))
             or (cfg.intrinsic and cfg.route and routed != n_edits)):
         raise ValueError(f"the saved router is inconsistent ({routed} edits routed, {len(owner)} keys, "
                          f"{n_edits} edits): it was altered or truncated; save it again")

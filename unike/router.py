@@ -17,6 +17,9 @@ with the KV cache for the generated tokens, so cached and uncached generation ag
 Rivals split overlapping scopes, as GRACE splits overlapping codebook balls: two edits whose question
 tests overlap, that hold other knowledge and whose images lie within a radius of each other
 (`split`) each open only where the prompt's image is closer to their own image than to the other's.
+A later edit that updates an earlier one's knowledge (their question tests overlap, and the base model
+answers the earlier edit's question over the new image as over its own) takes precedence instead: the
+earlier edit closes wherever the later one opens (`precede`), so the newest value of a fact wins.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ class EditRouter(nn.Module):
         self.register_buffer("rows", torch.zeros(0, dtype=torch.long))   # their fit rows (memory entries)
         # (e, j): edit e opens only where the prompt's image is closer to c_e than to c_j (`split`)
         self.register_buffer("rivals", torch.zeros(0, 2, dtype=torch.long))
+        # (j, e): edit j, whose knowledge the later edit e updates, is closed wherever e opens (`precede`)
+        self.register_buffer("yields", torch.zeros(0, 2, dtype=torch.long))
 
     @property
     def edits(self) -> int:
@@ -175,10 +180,37 @@ class EditRouter(nn.Module):
         """The other edits with an image within a radius of edit e's (theirs or e's): where rivals may be."""
         if not self.has_image[e] or self.open[e]:
             return self.owner[:0]
-        cos = self.images @ self.images[e]
-        near = (cos >= torch.minimum(self.radius, self.radius[e])) & self.has_image & ~self.open
+        near = self._near(self.images[e], self.radius[e])
         near[e] = False
         return near.nonzero().squeeze(1)
+
+    def _near(self, code: Float[Tensor, " d"], radius: Tensor | float) -> Bool[Tensor, " e"]:
+        return (self.images @ code >= self.radius.clamp_max(float(radius))) & self.has_image & ~self.open
+
+    @torch.no_grad()
+    def neighbours(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None,
+                   radius: float | None = None) -> tuple[Tensor, Bool[Tensor, " j"]]:
+        """For a new edit, before `add`: the committed edits with an image within a radius of its own (theirs
+        or its, as `within`), and which of them its question test overlaps (a target state of one within
+        τ_q of one of the other's, as `split`)."""
+        keys, code, seen, is_open = self.entry(targets, image)
+        if not seen or is_open:
+            return self.owner[:0], self.has_image[:0]
+        js = self._near(code, self.tau_image if radius is None else radius).nonzero().squeeze(1)
+        hit = (self.keys @ keys.T >= self.tau_question).any(-1)
+        overlap = hit.new_zeros(self.edits, dtype=torch.float).index_add_(0, self.owner, hit.float()) > 0
+        return js, overlap[js]
+
+    def questions(self) -> Bool[Tensor, " k"]:
+        """Which keys are an edit's first (the state at its question's last token): one per edit."""
+        starts = torch.ones_like(self.owner, dtype=torch.bool)
+        starts[1:] = self.owner[1:] != self.owner[:-1]
+        return starts
+
+    @torch.no_grad()
+    def precede(self, e: int, js: Tensor) -> None:
+        """Edit e updates the knowledge of each earlier edit of `js`: where e opens, they close."""
+        self.yields = torch.cat([self.yields, torch.stack([js, torch.full_like(js, e)], 1)])
 
     @torch.no_grad()
     def rival(self, e: int, js: Tensor) -> Tensor:
@@ -200,6 +232,7 @@ class EditRouter(nn.Module):
         self.keys, self.owner = self.keys[keep], self.owner[keep]
         self.images, self.has_image, self.open = self.images[:edits], self.has_image[:edits], self.open[:edits]
         self.radius, self.rivals = self.radius[:edits], self.rivals[(self.rivals < edits).all(1)]
+        self.yields = self.yields[(self.yields < edits).all(1)]
 
     def forward(self, x: Float[Tensor, "b t d"], image: Float[Tensor, "b d"] | None,
                 has: Bool[Tensor, " b"] | None = None) -> Bool[Tensor, "b t e"]:
@@ -221,11 +254,21 @@ class EditRouter(nn.Module):
         tested = (let.any(0) & ~is_open)[owner].nonzero().squeeze(1)            # keys worth the question test
         z = self.standardize(x) @ self.keys.to(dev)[tested].T >= self.tau_question   # [b, t, keys tested]
         near = x.new_zeros(b, t, self.edits, dtype=torch.float).index_add_(-1, owner[tested], z.float()) > 0
-        return (near | is_open) & let[:, None]
+        gate, (js, later) = (near | is_open) & let[:, None], self.yields.to(dev).T
+        return yield_to(gate, js, gate[..., later])
 
     def extra_repr(self) -> str:
         return (f"edits={self.edits}, tau_question={self.tau_question}, tau_image={self.tau_image}, "
                 f"tau_image_max={self.tau_image_max}")
+
+
+def yield_to(gate: Bool[Tensor, "... e"], js: Tensor, later: Bool[Tensor, "... j"]) -> Bool[Tensor, "... e"]:
+    """Close each edit js[i] of `gate` wherever the later edit it yields to opens (`later[..., i]`); an edit
+    that yields to several closes where any of them opens."""
+    if not len(js):
+        return gate
+    closed = gate.new_zeros(gate.shape, dtype=torch.float).index_add_(-1, js, later.float()) > 0
+    return gate & ~closed
 
 
 def image_codes(x: Float[Tensor, "b t d"],

@@ -14,7 +14,7 @@ from .collect import tokens
 from .hooks import Hooks
 from .layer import Switch, follow
 from .roles import image_mask
-from .router import EditRouter, image_codes
+from .router import EditRouter, image_codes, yield_to
 
 
 class Scope:
@@ -24,7 +24,8 @@ class Scope:
         self.router, self.switch, self.image_token = router, switch, image_token
         self.call: tuple = (None, None)                  # (input_ids, KV cache) of the current call
         self.images = weakref.WeakKeyDictionary()       # a KV cache -> its prompts' image codes
-        self.pending: tuple | None = None   # (target states, image, radius) of the edit being trained
+        self.pending: tuple | None = None   # (target states, image, radius, the edits it updates) of the edit
+                                            # being trained
         self.holding = False                # while the pending edit trains: keep the last call's gates
         self.held: tuple | None = None      # (input_ids, x, gate, pending gate) of that call
 
@@ -45,7 +46,11 @@ class Scope:
         if held is not None and _same(ids, held[0]) and _same(x, held[1]):
             self.switch.gate, self.switch.pending = held[2:]    # the same call again: the same gates
             return
-        self.switch.gate, self.switch.pending = self.route(x), self.pending_gate(x)
+        gate, pending = self.route(x), self.pending_gate(x)
+        if gate is not None and pending is not None and len(self.pending[3]):   # the edits it updates yield
+            olds = self.pending[3].to(gate.device)
+            gate = yield_to(gate, olds, pending[..., None].expand(*pending.shape, len(olds)))
+        self.switch.gate, self.switch.pending = gate, pending
         if self.holding:
             self.held = (ids, x.detach().clone(), self.switch.gate, self.switch.pending)
 
@@ -72,7 +77,7 @@ class Scope:
         cfg = self.switch.config
         if self.pending is None or not (self.switch.enabled and cfg.route):
             return None
-        targets, image, radius = self.pending
+        targets, image, radius, _ = self.pending
         codes, has = self.image_codes(x)
         b, t = x.shape[:2]
         z = self.router.standardize(x.reshape(b * t, -1))

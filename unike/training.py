@@ -92,7 +92,8 @@ def violation(z: Tensor, margin: float) -> Tensor:
 def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniKEConfig, inputs: dict[str, Tensor],
                   states: dict[int, BatchStates], at: Bool[Tensor, "b t"],
                   extra: tuple[dict[int, Tensor], Tensor] | None = None, router: EditRouter | None = None,
-                  progress: bool = False, radius: float | None = None) -> dict[str, float]:
+                  progress: bool = False, radius: float | None = None,
+                  updates: Bool[Tensor, " k"] | None = None) -> dict[str, float]:
     """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
     Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
     the edit's own prompt positions and `extra` (other questions over the edit's image: their FFN inputs
@@ -100,7 +101,10 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     `own_answer_negatives`, the edit's answer positions that predict another token than a neuron's own
     (where they are not the same knowledge as its own position). With the `router` that will gate the
     edit (and the edit's image threshold `radius`), the neurons train against (and stop on) the negatives
-    its gate reaches only: elsewhere the gate keeps them silent."""
+    its gate reaches only: elsewhere the gate keeps them silent. `updates`: the rows of the earlier edits'
+    inputs (`EditedLayer.edited`) at the question of the edits this one updates (`EditRouter.precede`): the
+    same knowledge, so not negatives; the neurons at the question's last token fire there too, where the
+    gate reaches."""
     cfg, labels = config, inputs["labels"]
     pos_mask = target_positions(labels)                       # positions that predict target tokens
     neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
@@ -110,6 +114,11 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     pools = {l: torch.cat([ly.negatives.to(states[l].q), ly.edited.to(states[l].q), states[l].q[neg_mask]]
                           + ([extra[l].to(states[l].q)] if extra else [])) for l, ly in layers.items()}
     keep = unrelated({l: st.q[rows, cols] for l, st in states.items()}, pools, cfg.neg_exclude_cos)
+    n_fit = len(next(iter(layers.values())).negatives)
+    updated = torch.zeros_like(keep)
+    if updates is not None:
+        updated[n_fit:n_fit + len(updates)] = updates.to(keep.device)
+    keep &= ~updated
     reach = torch.ones_like(keep)
     if router is not None:
         l0 = min(layers)                                      # the router's layer
@@ -133,8 +142,8 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
         mu = neg.mean(0)
         layer.edited = torch.cat([layer.edited, q_pos.cpu()])
         negatives[l] = neg[keep & reach]
-        n_fit = len(layer.negatives)                     # fit inputs that are the same knowledge: fire there too
-        positives[l] = neg[:n_fit][~keep[:n_fit]] if cfg.memory_positives else neg[:0]
+        same = neg[:n_fit][~keep[:n_fit]] if cfg.memory_positives else neg[:0]  # fit inputs of the same knowledge
+        positives[l] = torch.cat([same, neg[updated & reach]])                  # and updated edits': fire there too
         keys = init_keys(q_pos[assign], neg, mu, cfg.key_ridge, cfg.margin_pos)
         bias = -(mu @ keys)
         inside[l] = layer.answer_negatives.to(q_pos)
