@@ -1,6 +1,7 @@
 """Every architecture of the conformance matrix: fit → edit (inputs dict with labels) → generate, and
 disabled() / detach() give back the unedited model bit for bit (logits, hooks, state_dict keys): the one
 test of detach's exactness for UniKE (the baselines, dtypes and device maps have their own)."""
+import contextlib
 import warnings
 
 import pytest
@@ -51,6 +52,30 @@ def test_fit_edit_generate_detach(name):
         assert torch.equal(model(**inputs).logits, before)
     assert hooks_of(model) == hooks and list(model.state_dict()) == keys
     editor.detach()                                      # idempotent
+
+
+@pytest.mark.parametrize("name", sorted(set(ARCHS) - ENCODER_DECODER))
+def test_training_steps_replay_what_comes_before_the_edited_layers_exactly(name):
+    """An edit's steps after the first replay the outputs of what runs before the first edited block
+    (`unike.replay`): the editor's state after the edit is bit-identical to running every step in full,
+    and at least the decoder blocks below the edited ones were replayed."""
+    arch = ARCHS[name]()
+    model, inputs = arch.model, arch.inputs
+    n = len(unike.locate(model))
+    editor = unike.UniKE(model, None, unike.UniKEConfig(layers=min(2, n), encoder_steps=3, min_triplets=8,
+                                                          edit_steps=3, stop_prob=2.0))
+    editor.fit_inputs(fit_pairs(inputs, 8), progress=False)
+    replay, states = editor.replay, []
+    for context in (replay, contextlib.nullcontext):
+        editor.replay = context
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            editor.edit(with_answer(inputs, [7, 9]))
+        states.append({k: v.clone() for k, v in editor.state().items()})
+        editor.reset()
+    assert replay.replayed >= n - 2
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[1])
+    editor.detach()
 
 
 @pytest.mark.parametrize("name", sorted(set(ARCHS) - ENCODER_DECODER))

@@ -45,7 +45,7 @@ def test_every_imported_package_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {_requirement_name(s) for s in project["dependencies"]}
     declared |= {_requirement_name(s) for extra in project["optional-dependencies"].values() for s in extra}
-    local = {"unike", "tests", "archs", "guard", "labelled"}
+    local = {"unike", "tests", "archs", "guard", "labelled"} | {p.stem for p in ROOT.glob("scripts/*.py")}
     used = {}
     for path in [*ROOT.glob("unike/**/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

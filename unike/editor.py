@@ -26,6 +26,7 @@ from .layer import EditedLayer, Edits
 from .locate import LocateError, locate
 from .metrics import Probe, generations
 from .prompting import device_of, eos_id_of
+from .replay import Replay
 from .roles import image_token_id
 from .scope import Scope
 from .spaces import train_spaces
@@ -79,6 +80,8 @@ class UniKE:
         for l, layer in self.layers.items():
             layer.attach(self.stack[l], self.hooks, self._extra(l))
         self.scope.attach(model, self.stack[self.layer_ids[0]].block, self.hooks)
+        self.replay = Replay(model, self.stack.layers_path, self.stack[self.layer_ids[0]].block,
+                             [layer.block for layer in self.stack[:self.layer_ids[0]]])
 
     # ----------------------------------------------------------------------------------------- parts
     @property
@@ -252,9 +255,10 @@ class UniKE:
                 item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
             self.scope.hold((first.x[at], first.image, radius, olds))     # its memory entry opens as it will
             try:
-                info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
-                                     self.router if cfg.route and cfg.scoped_negatives else None, progress, radius,
-                                     self._questions_of(olds))
+                with self.replay():     # its steps repeat one call: what comes before the edited layers, once
+                    info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
+                                         self.router if cfg.route and cfg.scoped_negatives else None, progress,
+                                         radius, self._questions_of(olds))
             finally:
                 self.scope.release()
         if self.fitted:                               # the fitted entries of the facts it changes leave retrieval
