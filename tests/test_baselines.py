@@ -101,7 +101,7 @@ def test_tpatcher(tiny, cases, triplets):
     assert list(model.state_dict()) == keys
     tp = TPatcher(model, processor).fit(triplets, progress=False)
     assert tp.layer_ids == [len(tp.stack) - 1] and tp.losses == []     # last layer; no spaces trained
-    assert not tp.config.latent and tp.config.key_ridge is None
+    assert not tp.config.latent and tp.config.key_ridge is None and not tp.config.route     # ungated, as published
     assert len(tp.layers[tp.layer_ids[0]].negatives) == len(triplets)
 
     def check():

@@ -28,11 +28,11 @@ class TPatcher(_Configured):
     """T-Patcher (Huang et al., 2023): `n_neurons` key-value neurons per edit in the last decoder layer's
     FFN, keys initialised along q − μ, trained on the target with T-Patcher's activation and memory
     losses; the memory is the FFN inputs of the fit questions (`fit` builds only that). No latent
-    memory, no spaces, no ζ, and our additions that have a switch are off: every memory input is pushed
-    down, same-knowledge ones included (`neg_exclude_cos` above any cosine), no memory positives, no
-    image negatives, no negatives at the edit's own answer positions."""
+    memory, no spaces, no ζ, and our additions that have a switch are off: the neurons act ungated (no
+    router), every memory input is pushed down, same-knowledge ones included (`neg_exclude_cos` above any
+    cosine), no memory positives, no image negatives, no negatives at the edit's own answer positions."""
 
-    FIXED = dict(layers=1, latent=False, collaboration=False, zeta="none", key_ridge=None,
+    FIXED = dict(layers=1, latent=False, collaboration=False, zeta="none", key_ridge=None, route=False,
                  image_negatives=0, memory_positives=False, neg_exclude_cos=2.0, own_answer_negatives=False)
 
 
