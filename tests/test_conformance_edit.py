@@ -75,6 +75,13 @@ def test_training_steps_replay_what_comes_before_the_edited_layers_exactly(name)
         editor.reset()
     assert replay.replayed >= n - 2
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[1])
+    editor.replay = replay
+    model.train()                          # dropout: other outputs at every step, so nothing is replayed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        editor.edit(with_answer(inputs, [7, 9]))
+    model.eval()
+    assert replay.replayed == 0
     editor.detach()
 
 

@@ -42,7 +42,12 @@ class Replay:
 
     @contextlib.contextmanager
     def __call__(self):
-        """Inside: the first forward of `model` records, the later ones replay."""
+        """Inside: the first forward of `model` records, the later ones replay; nothing is replayed while the
+        model is in training mode (dropout draws other outputs at every step)."""
+        if self.model.training:
+            self.replayed = 0
+            yield
+            return
         kept: dict[nn.Module, list] = {m: [] for m in self.candidates}
         late: set[nn.Module] = set()
         state = {"started": False, "x": None, "replaying": False, "calls": {}}
