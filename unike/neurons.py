@@ -16,7 +16,7 @@ from einops import reduce, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from .reach import Reachable
+from .reach import Reachable, kept
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -111,8 +111,9 @@ class NeuronPatch(Reachable, nn.Module):
             return torch.zeros_like(q)
         dev, x = q.device, q.float()
         zeta = self.zeta.to(dev)
-        if self.pending is not None:
-            zeta = torch.cat([zeta, self.pending_zeta().to(dev)])
+        if self.pending is not None:       # kept while the edit trains: not a copy of every ζ′ at each step
+            zeta = kept(self, "_zeta_cache", (self.zeta, self.truth),
+                        lambda: torch.cat([zeta, self.pending_zeta().to(dev)]))
         zeta = self.zeta_term(zeta, self.beta)                                  # [E (+1), d]
         e, out = self.edits, 0
         if e:
