@@ -302,10 +302,14 @@ class UniKE:
     def _questions_of(self, edits: Tensor) -> Tensor | None:
         """The rows of the edited layers' `edited` pool (one per router key) at the question's last token of
         `edits`; None where there are none or the layers do not keep one row per key."""
-        owner = self.router.owner
-        if not len(edits) or any(len(layer.edited) != len(owner) for layer in self.layers.values()):
+        if not len(edits) or not self._row_per_key():
             return None
-        return torch.isin(owner, edits.to(owner.device)) & self.router.questions()
+        return torch.isin(self.router.owner, edits.to(self.router.owner.device)) & self.router.questions()
+
+    def _row_per_key(self) -> bool:
+        """Whether every edited layer keeps one `edited` row per router key (not with intrinsic off, nor in
+        a state saved before)."""
+        return all(len(layer.edited) == len(self.router.owner) for layer in self.layers.values())
 
     def _apart(self, states: dict[int, BatchStates], at: Tensor) -> Tensor:
         """Which committed edits hold other knowledge than the one just added: the FFN input at the question's
@@ -314,7 +318,7 @@ class UniKE:
         layers do not keep one row per key (intrinsic off, or a state saved before)."""
         owner = self.router.owner
         apart = torch.zeros(self.router.edits, dtype=torch.bool, device=owner.device)
-        if not self.fitted or any(len(layer.edited) != len(owner) for layer in self.layers.values()):
+        if not self.fitted or not self._row_per_key():
             return apart
         starts = self.router.questions()
         apart[owner[starts]] = unrelated({l: st.q[at] for l, st in states.items()},

@@ -170,9 +170,9 @@ class EditRouter(nn.Module):
         of one within τ_q of one of the other's) and they hold other knowledge (`apart`, per earlier edit)
         (`rival`). Returns the new (e, j) pairs."""
         e = self.edits - 1
-        mine = self.owner == e
-        near = (self.keys[~mine] @ self.keys[mine].T >= self.tau_question).any(-1)
-        js = self.owner[~mine][near].unique()
+        overlap = self._overlap(self.keys[self.owner == e])
+        overlap[e] = False
+        js = overlap.nonzero().squeeze(1)
         return self.rival(e, js[apart.to(js.device)[js]])
 
     @torch.no_grad()
@@ -197,9 +197,13 @@ class EditRouter(nn.Module):
         if not seen or is_open:
             return self.owner[:0], self.has_image[:0]
         js = self._near(code, self.tau_image if radius is None else radius).nonzero().squeeze(1)
-        hit = (self.keys @ keys.T >= self.tau_question).any(-1)
-        overlap = hit.new_zeros(self.edits, dtype=torch.float).index_add_(0, self.owner, hit.float()) > 0
-        return js, overlap[js]
+        return js, self._overlap(keys)[js]
+
+    def _overlap(self, keys: Float[Tensor, "p d"]) -> Bool[Tensor, " e"]:
+        """Which edits' question tests overlap the one of `keys` (standardised target states): a key of the
+        edit within τ_q of one of `keys`."""
+        hit = (self.keys @ keys.T >= self.tau_question).any(-1).float()
+        return hit.new_zeros(self.edits).index_add_(0, self.owner, hit) > 0
 
     def questions(self) -> Bool[Tensor, " k"]:
         """Which keys are an edit's first (the state at its question's last token): one per edit."""

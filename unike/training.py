@@ -127,8 +127,9 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     first = assign == 0                                       # neurons at the question's last token
     # the answer positions a neuron stays silent at: those that predict another token than its own, unless
     # they are the same knowledge as its own position (`unrelated`, as for every negative); None: none
-    answers, elsewhere = {l: st.q[pos_mask] for l, st in states.items()}, None     # [A, d] per layer
+    answers, elsewhere = {}, None
     if cfg.own_answer_negatives:
+        answers = {l: st.q[pos_mask] for l, st in states.items()}                # [A, d] per layer
         slot = pos_mask.flatten().cumsum(0).view_as(labels) - 1               # answer position → row
         predicts = labels[:, 1:][pos_mask[:, :-1]]                             # [A] the token each predicts
         apart = torch.stack([unrelated({l: st.q[r, c][None] for l, st in states.items()}, answers,
