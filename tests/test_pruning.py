@@ -250,6 +250,20 @@ def test_the_bound_follows_new_edits_and_keys_changed_in_place():
     assert patch.edits - 1 in patch.reachable(x).tolist()
 
 
+def test_a_commit_carries_the_kept_bound_over_and_it_equals_the_bound_made_anew():
+    patch, x = _sparse()
+    patch.reachable(x)                                     # the bound is kept
+    patch.begin(torch.randn(16, patch.n), torch.randn(patch.n))
+    patch.commit()
+    carried = patch._bound_cache[3]
+    assert carried[0].shape[1] == patch.edits              # carried over, the new edit's part appended
+    assert all(torch.equal(a, b) for a, b in zip(carried, patch._bounds(patch.keys, patch.bias)))
+    assert patch._bound() is carried
+    with torch.no_grad():
+        patch.bias[0] += 1.0                               # changed in place: made anew
+    assert patch._bound() is not carried
+
+
 def test_gathered_neurons_are_reused_between_steps_and_follow_changes():
     patch, x = _sparse()
     patch.begin(torch.randn(16, 4), torch.randn(4))      # training: the compact path

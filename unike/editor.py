@@ -292,12 +292,14 @@ class UniKE:
         known = torch.tensor([j < len(self.asked) and self.asked[j] is not None for j in js.tolist()],
                              dtype=torch.bool, device=js.device)
         js, overlap = js[known], overlap[known]
-        with self.disabled():
-            said = generations(self.model, self.processor, [Probe("rel", load_image(item.image), q, "") for q in
-                                                            [item.prompt] + [self.asked[j][0] for j in js.tolist()]])
-        same = torch.tensor([answer == self.asked[j][1] for j, answer in zip(js.tolist(), said[1:])],
+        questions = list(dict.fromkeys([item.prompt] + [self.asked[j][0] for j in js.tolist()]))
+        image = load_image(item.image)
+        with self.disabled():                      # each question once: earlier edits often share one
+            said = dict(zip(questions, generations(self.model, self.processor,
+                                                   [Probe("rel", image, q, "") for q in questions])))
+        same = torch.tensor([said[self.asked[j][0]] == self.asked[j][1] for j in js.tolist()],
                             dtype=torch.bool, device=js.device)
-        return [item.prompt, said[0]], js[~same], js[same & overlap]
+        return [item.prompt, said[item.prompt]], js[~same], js[same & overlap]
 
     def _questions_of(self, edits: Tensor) -> Tensor | None:
         """The rows of the edited layers' `edited` pool (one per router key) at the question's last token of

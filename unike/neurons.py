@@ -69,8 +69,10 @@ class NeuronPatch(Reachable, nn.Module):
         p = self.pending
         if p is None:
             return
+        old = self.keys, self.bias
         self.keys = torch.cat([self.keys, p["k"].detach()], 1)
         self.bias = torch.cat([self.bias, p["b"].detach()])
+        self._carry_bound(old, p["k"].detach(), p["b"].detach())
         self.values = torch.cat([self.values, p["v"].detach()])
         self.zeta = torch.cat([self.zeta, self.pending_zeta().detach()])
         self.pending = None

@@ -13,12 +13,29 @@ from torch import Tensor, nn
 def kept(owner, name: str, tensors: tuple[Tensor, ...], make, edits: Tensor | None = None):
     """make(), kept in `owner.<name>` until one of `tensors` is replaced or changed in place (its
     `_version`), or `edits` differ: what the exact speed-ups derive from tensors that rarely change."""
-    version = tuple(t._version for t in tensors)
     cached = owner.__dict__.get(name)
-    if (cached is None or any(a is not b for a, b in zip(cached[0], tensors)) or cached[1] != version
-            or (edits is not None and not torch.equal(cached[2], edits))):
-        cached = owner.__dict__[name] = (tensors, version, edits, make())
+    if not _fresh(cached, tensors) or (edits is not None and not torch.equal(cached[2], edits)):
+        cached = owner.__dict__[name] = (tensors, _versions(tensors), edits, make())
     return cached[3]
+
+
+def carry(owner, name: str, old: tuple[Tensor, ...], new: tuple[Tensor, ...], more) -> None:
+    """Where `owner.<name>` is kept (`kept`) for `old` tensors that `new` ones extend along the last dim, keep
+    it for `new` as it joined with more(), made from what was appended only (so `commit` costs one edit)."""
+    cached = owner.__dict__.get(name)
+    if _fresh(cached, old):
+        joined = tuple(torch.cat([a, b], -1) for a, b in zip(cached[3], more()))
+        owner.__dict__[name] = (new, _versions(new), None, joined)
+
+
+def _versions(tensors: tuple[Tensor, ...]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
+
+
+def _fresh(cached, tensors: tuple[Tensor, ...]) -> bool:
+    """Whether a `kept` entry was made from these very tensors, none of them changed in place since."""
+    return (cached is not None and all(a is b for a, b in zip(cached[0], tensors))
+            and cached[1] == _versions(tensors))
 
 
 class Reachable:
@@ -49,12 +66,18 @@ class Reachable:
 
     def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, " E"], Float[Tensor, " E"]]:
         """(c_e, ρ_e, max_j b_j) of every committed edit, kept until the keys or biases change."""
-        def bound():
-            per_edit = rearrange(self.keys.float(), "d (e n) -> d e n", n=self.n)
-            centre = per_edit.mean(2)
-            radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
-            return centre, radius, reduce(self.bias.float(), "(e n) -> e", "max", n=self.n)
-        return kept(self, "_bound_cache", (self.keys, self.bias), bound)
+        return kept(self, "_bound_cache", (self.keys, self.bias), lambda: self._bounds(self.keys, self.bias))
+
+    def _bounds(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, " N"]) -> tuple[Tensor, Tensor, Tensor]:
+        per_edit = rearrange(keys.float(), "d (e n) -> d e n", n=self.n)
+        centre = per_edit.mean(2)
+        radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
+        return centre, radius, reduce(bias.float(), "(e n) -> e", "max", n=self.n)
+
+    def _carry_bound(self, old: tuple[Tensor, Tensor], keys: Float[Tensor, "d n"], bias: Float[Tensor, " n"]) -> None:
+        """After `commit` appended one edit's keys and bias to the `old` ones: the kept bound grows by that
+        edit's own rather than being made anew over every edit at the next call."""
+        carry(self, "_bound_cache", old, (self.keys, self.bias), lambda: self._bounds(keys, bias))
 
     def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, " N"], values: Float[Tensor, "N d"],
                   edits: Int[Tensor, " e"]) -> tuple[Int[Tensor, " cols"], Tensor, Tensor, Tensor]:
