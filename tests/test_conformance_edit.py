@@ -11,6 +11,7 @@ import unike
 from archs import ARCHS
 from guard import hooks_of
 from labelled import fit_pairs, with_answer
+from unike.layer import EditedLayer
 
 ENCODER_DECODER = {"florence2"}  # the answer lives in decoder_input_ids: refused with a clear error
 
@@ -55,26 +56,36 @@ def test_fit_edit_generate_detach(name):
 
 
 @pytest.mark.parametrize("name", sorted(set(ARCHS) - ENCODER_DECODER))
-def test_training_steps_replay_what_comes_before_the_edited_layers_exactly(name):
+def test_training_steps_replay_what_comes_before_the_edited_layers_exactly(name, monkeypatch):
     """An edit's steps after the first replay the outputs of what runs before the first edited block
-    (`unike.replay`): the editor's state after the edit is bit-identical to running every step in full,
-    and at least the decoder blocks below the edited ones were replayed."""
+    (`unike.replay`), and the first edited layer holds its memory shift and its committed edits' neurons
+    (`EditedLayer._hold`): the editor's state after two edits is bit-identical to running every step in
+    full, at least the decoder blocks below the edited ones were replayed, and the first edited layer's
+    memory ran once per edit."""
     arch = ARCHS[name]()
     model, inputs = arch.model, arch.inputs
     n = len(unike.locate(model))
     editor = unike.UniKE(model, None, unike.UniKEConfig(layers=min(2, n), encoder_steps=3, min_triplets=8,
                                                           edit_steps=3, stop_prob=2.0))
     editor.fit_inputs(fit_pairs(inputs, 8), progress=False)
-    replay, states = editor.replay, []
-    for context in (replay, contextlib.nullcontext):
+    replay, hold, states = editor.replay, EditedLayer._hold, []
+    shifts = []
+    editor.memory[editor.layer_ids[0]].register_forward_hook(lambda *args: shifts.append(1))
+    for context, held in ((replay, hold), (contextlib.nullcontext, lambda self, part: None)):
         editor.replay = context
+        monkeypatch.setattr(EditedLayer, "_hold", held)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             editor.edit(with_answer(inputs, [7, 9]))
+            editor.edit(with_answer(inputs, [5, 6]))
         states.append({k: v.clone() for k, v in editor.state().items()})
+        shifts.append(None)
         editor.reset()
     assert replay.replayed >= n - 2
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[1])
+    held_calls, full_calls = shifts.index(None), len(shifts) - shifts.index(None) - 2
+    assert held_calls < full_calls, (held_calls, full_calls)
+    monkeypatch.setattr(EditedLayer, "_hold", hold)
     editor.replay = replay
     model.train()                          # dropout: other outputs at every step, so nothing is replayed
     with warnings.catch_warnings():

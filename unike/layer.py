@@ -40,6 +40,8 @@ class Switch:
     gate: Bool[Tensor, "b t e"] | None = None
     pending: Bool[Tensor, "b t"] | None = None      # the gate of the edit being trained (for its memory entry)
     decision: Decision | None = None
+    held: dict | None = None    # while an edit trains: what the first edited layer computed in the last call
+    repeat: bool = False        # this forward repeats that call (`Scope.hold`)
 
 
 def first(value):
@@ -170,6 +172,14 @@ class EditedLayer(nn.Module):
         if self.decides:
             self.switch.decision = decision._replace(alpha=memory.last_alpha)
 
+    def _hold(self, part: str) -> dict | None:
+        """While an edit trains, the first edited layer's `part` (shift, committed neurons) as the last call
+        computed it, or an empty dict to keep this call's in; None otherwise. Its steps repeat one call whose
+        input here no edit moves (`Scope.hold`), so what the committed edits do here is the same at each step:
+        an exact speed-up, like `unike.replay` for what runs before."""
+        held = self.switch.held
+        return None if held is None or not self.decides else held.setdefault(part, {})
+
     def _shift(self, module, args, output):
         if not self._acts() or self._heads():
             return None
@@ -177,9 +187,15 @@ class EditedLayer(nn.Module):
         x = self.x.to(h.device)        # the block's input may arrive from another device (device_map)
         if x.shape != h.shape:
             return None                # e.g. cross-attention layers whose output is not per input token
+        held = self._hold("shift")
+        if held:
+            self.switch.decision = held["decision"]
+            return _replace_output(output, held["shifted"])
         memory = follow(self.memory, h)
         with self._deciding(memory, x) as decision:
             shifted = memory(h, x, decision)
+        if held is not None and not shifted.requires_grad:
+            held.update(shifted=shifted, decision=self.switch.decision)
         return _replace_output(output, shifted)
 
     def _read(self, query: Tensor, key: Tensor, value: Tensor, out: Tensor, scaling: float) -> Tensor:
@@ -218,7 +234,8 @@ class EditedLayer(nn.Module):
         if gate is not None and gate.shape[-1] != patch.edits:
             raise RuntimeError(f"the router holds {gate.shape[-1]} edits but layer {self.index} has {patch.edits}: "
                                "neurons were added without editor.edit(); add them through it (or route=False)")
-        return _replace_output(output, out + follow(patch, out)(self.q.to(out.device), gate).reshape(out.shape))
+        neurons = follow(patch, out)(self.q.to(out.device), gate, self._hold("neurons"))
+        return _replace_output(output, out + neurons.reshape(out.shape))
 
 
 class Edits(nn.Module):

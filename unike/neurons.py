@@ -104,11 +104,13 @@ class NeuronPatch(Reachable, nn.Module):
         p = self.pending
         return q.float() @ p["k"].to(q.device) + p["b"].to(q.device)
 
-    def forward(self, q: Float[Tensor, "... d"], gate: Bool[Tensor, "... e"] | None = None) -> Float[Tensor, "... d"]:
+    def forward(self, q: Float[Tensor, "... d"], gate: Bool[Tensor, "... e"] | None = None,
+                held: dict | None = None) -> Float[Tensor, "... d"]:
         """The committed and the pending neurons run as two blocks, never concatenated: while an edit
         trains, the backward pass then reaches only its own n neurons and the committed edits that can
         fire in q (`reachable`), whatever the number committed. `gate`: where each committed edit may act
-        (`unike.router`); the pending edit is never gated."""
+        (`unike.router`); the pending edit is never gated. `held`: the committed block's output of a call with
+        the same q and gate, or an empty dict to keep this one's in (`EditedLayer._hold`)."""
         if self.keys.shape[1] == 0 and self.pending is None:
             return torch.zeros_like(q)
         dev, x = q.device, q.float()
@@ -118,10 +120,14 @@ class NeuronPatch(Reachable, nn.Module):
                         lambda: torch.cat([zeta, self.pending_zeta().to(dev)]))
         zeta = self.zeta_term(zeta, self.beta)                                  # [E (+1), d]
         e, out = self.edits, 0
-        if e:
+        if held:
+            out = held["out"]
+        elif e:
             gate = None if gate is None else gate.reshape(*x.shape[:-1], e).to(dev)
             out = self._block(x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e],
                               self.reachable(x, gate), gate)
+            if held is not None and not out.requires_grad:
+                held["out"] = out
         if self.pending is not None:
             p = self.pending
             out = out + self._block(x, p["k"], p["b"], p["v"], zeta[e:])

@@ -45,7 +45,9 @@ class Scope:
         ids, held = self.call[0], self.held
         if held is not None and _same(ids, held[0]) and _same(x, held[1]):
             self.switch.gate, self.switch.pending = held[2:]    # the same call again: the same gates
+            self.switch.repeat = True
             return
+        self.switch.repeat = False
         gate, pending = self.route(x), self.pending_gate(x)
         if gate is not None and pending is not None and len(self.pending[3]):   # the edits it updates yield
             olds = self.pending[3].to(gate.device)
@@ -53,14 +55,17 @@ class Scope:
         self.switch.gate, self.switch.pending = gate, pending
         if self.holding:
             self.held = (ids, x.detach().clone(), self.switch.gate, self.switch.pending)
+            self.switch.held = {}                               # and the first edited layer's results
 
     def hold(self, pending: tuple) -> None:
         """While the edit `pending` trains, its steps repeat one call, whose first edited layer's input no
-        edit moves: a forward whose input_ids and input there equal the last one's reuses its gates."""
+        edit moves: a forward whose input_ids and input there equal the last one's reuses its gates, and that
+        layer what the committed edits did there (`EditedLayer._hold`)."""
         self.pending, self.holding = pending, True
 
     def release(self) -> None:
         self.pending, self.holding, self.held = None, False, None
+        self.switch.held, self.switch.repeat = None, False
 
     def route(self, x: Float[Tensor, "b t d"]) -> Bool[Tensor, "b t e"] | None:
         """g_e at every position of x (the first edited layer's input), or None where nothing is gated."""
