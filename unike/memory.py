@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from .grow import append
 from .shortlist import Index
 from .spaces import Spaces
 
@@ -151,17 +152,17 @@ class LatentMemory(nn.Module):
                 raise RuntimeError("fitted entries go before the edits' entries: reset() the editor first")
             self.n_fit += len(keys)
             self.index.extend(keys)
-            self.masked = torch.cat([self.masked, self.masked.new_zeros(len(keys))])
+            append(self, "masked", self.masked.new_zeros(len(keys)))
         else:
             edit = self.edits if edit is None else edit
-            self.owner = torch.cat([self.owner, self.owner.new_full((len(keys),), edit)])
-        self.keys = torch.cat([self.keys, keys])
-        self.values = torch.cat([self.values, h_pos.float().to(self.values)])
-        self.attn_values = torch.cat([self.attn_values, v_pos.float().to(self.attn_values)])
+            append(self, "owner", self.owner.new_full((len(keys),), edit))
+        append(self, "keys", keys)
+        append(self, "values", h_pos.float())
+        append(self, "attn_values", v_pos.float())
         if self.head_keys.shape[1] != heads[0].shape[1]:       # an empty memory takes the width it is given
             self.head_keys = self.head_values = self.keys.new_zeros(0, heads[0].shape[1])
-        self.head_keys = torch.cat([self.head_keys, heads[0].float().to(self.keys.device)])
-        self.head_values = torch.cat([self.head_values, heads[1].float().to(self.keys.device)])
+        append(self, "head_keys", heads[0].float())
+        append(self, "head_values", heads[1].float())
 
     @torch.no_grad()
     def truncate(self, n: int) -> None:

@@ -16,6 +16,7 @@ from einops import reduce, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from .grow import append
 from .reach import Reachable, kept
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -69,12 +70,13 @@ class NeuronPatch(Reachable, nn.Module):
         p = self.pending
         if p is None:
             return
-        old = self.keys, self.bias
-        self.keys = torch.cat([self.keys, p["k"].detach()], 1)
-        self.bias = torch.cat([self.bias, p["b"].detach()])
-        self._carry_bound(old, p["k"].detach(), p["b"].detach())
-        self.values = torch.cat([self.values, p["v"].detach()])
-        self.zeta = torch.cat([self.zeta, self.pending_zeta().detach()])
+        bound = self._kept_bound()           # before appending: an append marks the old buffers changed
+        self.keys = torch.cat([self.keys, p["k"].detach()], 1)   # copied: q·K on a column view of a room
+                                                                   # rounds otherwise than on the K `load` puts
+        append(self, "bias", p["b"].detach())
+        append(self, "values", p["v"].detach())
+        append(self, "zeta", self.pending_zeta().detach())
+        self._carry_bound(bound, p["k"].detach(), p["b"].detach())
         self.pending = None
 
     def discard(self) -> None:

@@ -19,13 +19,18 @@ def kept(owner, name: str, tensors: tuple[Tensor, ...], make, edits: Tensor | No
     return cached[3]
 
 
-def carry(owner, name: str, old: tuple[Tensor, ...], new: tuple[Tensor, ...], more) -> None:
-    """Where `owner.<name>` is kept (`kept`) for `old` tensors that `new` ones extend along the last dim, keep
-    it for `new` as it joined with more(), made from what was appended only (so `commit` costs one edit)."""
+def held(owner, name: str, tensors: tuple[Tensor, ...]):
+    """What `kept` keeps in `owner.<name>` for these tensors unchanged, or None."""
     cached = owner.__dict__.get(name)
-    if _fresh(cached, old):
-        joined = tuple(torch.cat([a, b], -1) for a, b in zip(cached[3], more()))
-        owner.__dict__[name] = (new, _versions(new), None, joined)
+    return cached[3] if _fresh(cached, tensors) else None
+
+
+def carry(owner, name: str, value: tuple[Tensor, ...] | None, tensors: tuple[Tensor, ...], more) -> None:
+    """Keep `value` (what was kept for the tensors before `tensors` extended them along the last dim) joined
+    with more(), made from what was appended only, for `tensors`: so `commit` costs one edit."""
+    if value is not None:
+        joined = tuple(torch.cat([a, b], -1) for a, b in zip(value, more()))
+        owner.__dict__[name] = (tensors, _versions(tensors), None, joined)
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[int, ...]:
@@ -74,10 +79,13 @@ class Reachable:
         radius = (per_edit - centre[..., None]).norm(dim=0).amax(1) + 1e-4 * centre.norm(dim=0)  # + rounding
         return centre, radius, reduce(bias.float(), "(e n) -> e", "max", n=self.n)
 
-    def _carry_bound(self, old: tuple[Tensor, Tensor], keys: Float[Tensor, "d n"], bias: Float[Tensor, " n"]) -> None:
-        """After `commit` appended one edit's keys and bias to the `old` ones: the kept bound grows by that
-        edit's own rather than being made anew over every edit at the next call."""
-        carry(self, "_bound_cache", old, (self.keys, self.bias), lambda: self._bounds(keys, bias))
+    def _kept_bound(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        return held(self, "_bound_cache", (self.keys, self.bias))
+
+    def _carry_bound(self, bound: tuple | None, keys: Float[Tensor, "d n"], bias: Float[Tensor, " n"]) -> None:
+        """After `commit` appended one edit's keys and bias: the bound kept before (`_kept_bound`) grows by
+        that edit's own rather than being made anew over every edit at the next call."""
+        carry(self, "_bound_cache", bound, (self.keys, self.bias), lambda: self._bounds(keys, bias))
 
     def _gathered(self, keys: Float[Tensor, "d N"], bias: Float[Tensor, " N"], values: Float[Tensor, "N d"],
                   edits: Int[Tensor, " e"]) -> tuple[Int[Tensor, " cols"], Tensor, Tensor, Tensor]:

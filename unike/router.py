@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from .grow import append
+
 
 class EditRouter(nn.Module):
     """The per-edit gate g_e of the first edited layer (`UniKEConfig.route`)."""
@@ -116,12 +118,12 @@ class EditRouter(nn.Module):
         `everywhere`: let it act at every position (the speed bench's synthetic edits); `radius`: its image
         threshold (None: τ_img)."""
         keys, code, seen, is_open = self.entry(targets, image)
-        self.radius = torch.cat([self.radius, self.radius.new_tensor([self.tau_image if radius is None else radius])])
-        self.open = torch.cat([self.open, self.open.new_tensor([everywhere or is_open])])
-        self.keys = torch.cat([self.keys, keys])
-        self.owner = torch.cat([self.owner, self.owner.new_full((len(keys),), self.edits)])
-        self.images = torch.cat([self.images, code[None]])
-        self.has_image = torch.cat([self.has_image, self.has_image.new_tensor([seen])])
+        append(self, "radius", self.radius.new_tensor([self.tau_image if radius is None else radius]))
+        append(self, "open", self.open.new_tensor([everywhere or is_open]))
+        append(self, "keys", keys)
+        append(self, "owner", self.owner.new_full((len(keys),), self.edits))
+        append(self, "images", code[None])
+        append(self, "has_image", self.has_image.new_tensor([seen]))
 
     @torch.no_grad()
     def reaches(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, z: Float[Tensor, "m d"],
