@@ -1,7 +1,7 @@
 """Every architecture of the conformance matrix: fit → edit (inputs dict with labels) → generate, and
 disabled() / detach() give back the unedited model bit for bit (logits, hooks, state_dict keys): the one
 test of detach's exactness for UniKE (the baselines, dtypes and device maps have their own)."""
-import contextlib
+import dataclasses
 import warnings
 
 import pytest
@@ -11,7 +11,6 @@ import unike
 from archs import ARCHS
 from guard import hooks_of
 from labelled import fit_pairs, with_answer
-from unike.layer import EditedLayer
 
 ENCODER_DECODER = {"florence2"}  # the answer lives in decoder_input_ids: refused with a clear error
 
@@ -56,24 +55,22 @@ def test_fit_edit_generate_detach(name):
 
 
 @pytest.mark.parametrize("name", sorted(set(ARCHS) - ENCODER_DECODER))
-def test_training_steps_replay_what_comes_before_the_edited_layers_exactly(name, monkeypatch):
+def test_training_steps_replay_what_comes_before_the_edited_layers_exactly(name):
     """An edit's steps after the first replay the outputs of what runs before the first edited block
     (`unike.replay`), and the first edited layer holds its memory shift and its committed edits' neurons
     (`EditedLayer._hold`): the editor's state after two edits is bit-identical to running every step in
-    full, at least the decoder blocks below the edited ones were replayed, and the first edited layer's
-    memory ran once per edit."""
+    full (`replay=False`), at least the decoder blocks below the edited ones were replayed, and the first
+    edited layer's memory ran fewer times."""
     arch = ARCHS[name]()
     model, inputs = arch.model, arch.inputs
     n = len(unike.locate(model))
     editor = unike.UniKE(model, None, unike.UniKEConfig(layers=min(2, n), encoder_steps=3, min_triplets=8,
                                                           edit_steps=3, stop_prob=2.0))
     editor.fit_inputs(fit_pairs(inputs, 8), progress=False)
-    replay, hold, states = editor.replay, EditedLayer._hold, []
-    shifts = []
+    replay, states, shifts = editor.replay, [], []
     editor.memory[editor.layer_ids[0]].register_forward_hook(lambda *args: shifts.append(1))
-    for context, held in ((replay, hold), (contextlib.nullcontext, lambda self, part: None)):
-        editor.replay = context
-        monkeypatch.setattr(EditedLayer, "_hold", held)
+    for on in (True, False):
+        editor.config = dataclasses.replace(editor.config, replay=on)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             editor.edit(with_answer(inputs, [7, 9]))
@@ -85,8 +82,7 @@ def test_training_steps_replay_what_comes_before_the_edited_layers_exactly(name,
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[1])
     held_calls, full_calls = shifts.index(None), len(shifts) - shifts.index(None) - 2
     assert held_calls < full_calls, (held_calls, full_calls)
-    monkeypatch.setattr(EditedLayer, "_hold", hold)
-    editor.replay = replay
+    editor.config = dataclasses.replace(editor.config, replay=True)
     model.train()                          # dropout: other outputs at every step, so nothing is replayed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

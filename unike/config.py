@@ -36,6 +36,9 @@ class UniKEConfig:
     neuron_act: str = "relu"             # exact zero on inputs the neurons do not match (ours)
     edit_steps: int = 60
     stop_prob: float = 0.5               # stop once every target token has at least this probability (an argmax)
+    replay: bool = True                  # an edit's steps compute what they share once: the modules before the
+                                         # edited layers (unike.replay), the first edited layer's committed edits
+                                         # (exact speed-ups); False: every step in full
     edit_lr: float = 0.05                # Adam step relative to each tensor's scale (keys, values: hidden rms)
     margin_pos: float = 2.0              # pre-activation on the edit's own positions ≥ this
     margin_neg: float = 1.0              # pre-activation on unrelated FFN inputs ≤ −this

@@ -28,7 +28,7 @@ from .metrics import Probe, generations
 from .prompting import device_of, eos_id_of
 from .replay import Replay
 from .roles import image_token_id
-from .scope import Scope
+from .scope import Pending, Scope
 from .spaces import train_spaces
 from .training import targets, train_neurons, unrelated
 
@@ -253,9 +253,10 @@ class UniKE:
         if cfg.intrinsic:
             extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
                 item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
-            self.scope.hold((first.x[at], first.image, radius, olds))     # its memory entry opens as it will
+            self.scope.hold(Pending(first.x[at], first.image, radius, olds))   # its memory entry opens as it will
+            replay = self.replay() if cfg.replay else contextlib.nullcontext()
             try:
-                with self.replay():     # its steps repeat one call: what comes before the edited layers, once
+                with replay:            # its steps repeat one call: what comes before the edited layers, once
                     info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
                                          self.router if cfg.route and cfg.scoped_negatives else None, progress,
                                          radius, self._questions_of(olds))

@@ -60,12 +60,13 @@ class Reachable:
         bound costs 1/n of x·K."""
         if not isinstance(self.activation, nn.ReLU):
             return None
-        centre, radius, top = self._bound()
         x = x.reshape(-1, x.shape[-1])
         edits = (torch.arange(self.edits, device=x.device) if gate is None       # the gate first: the bound
                  else gate.reshape(-1, gate.shape[-1]).any(0).nonzero().squeeze(1))   # only where it lets through
-        bounds = (centre.to(x.device)[:, edits], radius.to(x.device)[edits], top.to(x.device)[edits])
-        upper = x @ bounds[0] + x.norm(dim=-1, keepdim=True) * bounds[1] + bounds[2]
+        def gather():                 # kept while the gate lets the same edits through (an edit's steps)
+            return tuple(t.to(x.device)[..., edits] for t in self._bound())
+        centre, radius, top = kept(self, "_bound_gather", (self.keys, self.bias), gather, edits)
+        upper = x @ centre + x.norm(dim=-1, keepdim=True) * radius + top
         edits = edits[(upper > 0).any(0)]
         return None if len(edits) == self.edits else edits
 

@@ -62,7 +62,8 @@ class Replay:
                 state["started"], state["x"] = True, x
             elif not (x.shape == state["x"].shape and torch.equal(x, state["x"])):
                 raise ReplayError("a replayed training step gave the first edited block another input than the "
-                                  "first step; please report this model")
+                                  "first step (the edit was rolled back); edit with UniKEConfig(replay=False), "
+                                  "which runs every step in full, and please report this model")
 
         def keep(module, args, output):
             if state["replaying"]:

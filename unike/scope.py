@@ -4,9 +4,10 @@ the generated tokens (a cached generate step sees one token), so cached and unca
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
@@ -17,6 +18,16 @@ from .roles import image_mask
 from .router import EditRouter, image_codes, yield_to
 
 
+class Pending(NamedTuple):
+    """The edit being trained, as the router will hold it: its states at the target positions, its image
+    code, its image radius, and the earlier edits it updates (`EditRouter.precede`)."""
+
+    targets: Float[Tensor, "p d"]
+    image: Float[Tensor, " d"] | None
+    radius: float | None
+    updates: Int[Tensor, " u"]
+
+
 class Scope:
     """Sets `switch.gate` from `router` at every forward of the first edited block."""
 
@@ -24,8 +35,7 @@ class Scope:
         self.router, self.switch, self.image_token = router, switch, image_token
         self.call: tuple = (None, None)                  # (input_ids, KV cache) of the current call
         self.images = weakref.WeakKeyDictionary()       # a KV cache -> its prompts' image codes
-        self.pending: tuple | None = None   # (target states, image, radius, the edits it updates) of the edit
-                                            # being trained
+        self.pending: Pending | None = None     # the edit being trained
         self.holding = False                # while the pending edit trains: keep the last call's gates
         self.held: tuple | None = None      # (input_ids, x, gate, pending gate) of that call
 
@@ -49,15 +59,15 @@ class Scope:
             return
         self.switch.repeat = False
         gate, pending = self.route(x), self.pending_gate(x)
-        if gate is not None and pending is not None and len(self.pending[3]):   # the edits it updates yield
-            olds = self.pending[3].to(gate.device)
+        if gate is not None and pending is not None and len(self.pending.updates):   # the edits it updates yield
+            olds = self.pending.updates.to(gate.device)
             gate = yield_to(gate, olds, pending[..., None].expand(*pending.shape, len(olds)))
         self.switch.gate, self.switch.pending = gate, pending
         if self.holding:
             self.held = (ids, x.detach().clone(), self.switch.gate, self.switch.pending)
-            self.switch.held = {}                               # and the first edited layer's results
+            self.switch.held = {} if self.switch.config.replay else None   # and the first edited layer's
 
-    def hold(self, pending: tuple) -> None:
+    def hold(self, pending: Pending) -> None:
         """While the edit `pending` trains, its steps repeat one call, whose first edited layer's input no
         edit moves: a forward whose input_ids and input there equal the last one's reuses its gates, and that
         layer what the committed edits did there (`EditedLayer._hold`)."""
