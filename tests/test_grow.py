@@ -48,3 +48,9 @@ def test_a_rolled_back_view_is_untouched_and_the_next_append_overwrites_what_fol
     assert torch.equal(m.rows, torch.zeros(2, 3))
     append(m, "rows", torch.full((1, 3), 2.0))
     assert torch.equal(m.rows, torch.cat([torch.zeros(2, 3), torch.full((1, 3), 2.0)]))
+
+
+def test_a_large_append_keeps_an_eighth_spare_not_a_copy_of_itself():
+    m = _module()
+    append(m, "rows", torch.randn(800, 3))                            # e.g. a fit's 15,000 memory entries
+    assert 800 < len(m._rooms["rows"]) <= 800 * 9 // 8 + 8
