@@ -19,7 +19,7 @@ def kept(owner, name: str, tensors: tuple[Tensor, ...], make, edits: Tensor | No
     return cached[3]
 
 
-def held(owner, name: str, tensors: tuple[Tensor, ...]):
+def still_kept(owner, name: str, tensors: tuple[Tensor, ...]):
     """What `kept` keeps in `owner.<name>` for these tensors unchanged, or None."""
     cached = owner.__dict__.get(name)
     return cached[3] if _fresh(cached, tensors) else None
@@ -81,7 +81,7 @@ class Reachable:
         return centre, radius, reduce(bias.float(), "(e n) -> e", "max", n=self.n)
 
     def _kept_bound(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        return held(self, "_bound_cache", (self.keys, self.bias))
+        return still_kept(self, "_bound_cache", (self.keys, self.bias))
 
     def _carry_bound(self, bound: tuple | None, keys: Float[Tensor, "d n"], bias: Float[Tensor, " n"]) -> None:
         """After `commit` appended one edit's keys and bias: the bound kept before (`_kept_bound`) grows by

@@ -92,7 +92,6 @@ class Scope:
         cfg = self.switch.config
         if self.pending is None or not (self.switch.enabled and cfg.route):
             return None
-        targets, image, radius, _ = self.pending
         codes, has = self.image_codes(x)
         b, t = x.shape[:2]
         z = self.router.standardize(x.reshape(b * t, -1))
@@ -100,7 +99,8 @@ class Scope:
             codes = has = None                      # no image test (as `EditRouter.forward`)
         else:                          # the prompts' mean image states, as the router's codes, for each position
             codes, has = self.router.image_code(codes).repeat_interleave(t, 0), has.repeat_interleave(t, 0)
-        return self.router.reaches(targets, image, z, codes, has, radius).reshape(b, t)
+        p = self.pending
+        return self.router.reaches(p.targets, p.image, z, codes, has, p.radius).reshape(b, t)
 
     def image_codes(self, x: Float[Tensor, "b t d"]) -> tuple[Tensor | None, Tensor | None]:
         """The prompts' image codes and which prompts have one; (None, None) where the model does not mark
