@@ -156,6 +156,59 @@ def test_shortlist_is_exact_whatever_lies_outside_the_index(outside):
         assert torch.equal(idx.sort(1).values, _exact(mem, block)[0])
 
 
+def test_what_a_decision_opens_is_kept_for_that_decision():
+    """`LatentMemory.select` keeps where a decision has it act (`_acting`) for that very decision, as an
+    edit's steps and deeper layers share one: a repeat reuses it and retrieves the same; an equal decision in
+    other tensors, or masked entries, make it anew."""
+    from unike.memory import Decision, LatentMemory
+    from unike.spaces import Spaces
+
+    torch.manual_seed(0)
+    d, n = 16, 12
+    mem = LatentMemory(d, Spaces(d, hidden=8, truth_dim=4), top_k=3)
+    mem.spaces.standardize.fit(torch.randn(100, d))
+    mem.add(*torch.randn(3, 200, d), fitted=True)
+    mem.reindex()
+    for e in range(3):
+        mem.add(*torch.randn(3, 2, d), edit=e)
+    x = torch.randn(n, d)
+    decision = mem.decide(mem.unit(x), torch.rand(n, 3) > 0.6)
+    first = mem.select(x, decision)
+    kept = mem._acting_cache[3]
+    again = mem.select(x, decision)
+    assert mem._acting_cache[3] is kept
+    copied = mem.select(x, Decision(decision.relevant.clone(), decision.open.clone()))
+    assert mem._acting_cache[3] is not kept
+    for a, b, c in zip(first, again, copied):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    mem.mask(torch.tensor([0, 1]))
+    masked = mem._acting_cache[3]
+    mem.select(x, decision)
+    assert mem._acting_cache[3] is not masked
+
+
+def test_a_gate_that_lets_no_edit_through_leaves_the_committed_block_out():
+    """While an edit trains, a gate that lets no committed edit through (the common case at deeper layers
+    after many edits) computes the pending edit's block only, what it lets through kept for that gate."""
+    patch, x = _dense()
+    patch.begin(torch.randn(16, 4), torch.randn(4))
+    patch.pending["v"].data.normal_()
+    shut = torch.zeros(*x.shape[:-1], patch.edits, dtype=torch.bool)
+    blocks = []
+    block = patch._block
+    patch._block = lambda *a, **k: blocks.append(a[1].shape[1]) or block(*a, **k)
+    out = patch(x, shut)
+    p = patch.pending
+    a = torch.relu(x @ p["k"] + p["b"])
+    want = a @ p["v"] + a.sum(-1, keepdim=True) * patch.pending_zeta()
+    assert torch.allclose(out, want, atol=1e-5) and blocks == [4]            # the pending edit's 4 neurons only
+    through = patch._through_cache[3]
+    patch(x, shut)
+    assert patch._through_cache[3] is through and not len(through)
+    patch.discard()
+    assert torch.equal(patch(x, shut), torch.zeros_like(x))
+
+
 def _patch(d=16, n=4, edits=3, seed=0, sparse=False):
     """Committed random edits; `sparse`: each edit's neurons lie close to one key (a small ρ_e) and fire
     only near it (a high threshold)."""

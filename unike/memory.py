@@ -43,6 +43,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from .grow import append
+from .reach import kept
 from .shortlist import Index
 from .spaces import Spaces
 
@@ -282,22 +283,16 @@ class LatentMemory(nn.Module):
         n, n_fit = q.shape[0], int(self.n_fit)
         if decision is None or len(decision.relevant) != n:
             decision = self.decide(q)
-        opened = (decision.open[:, self.owner] if decision.open.shape[1] >= self.edits
-                  else q.new_zeros(n, len(self.owner), dtype=torch.bool))    # [n, edits' entries]
-        on = opened.any(1)
-        acts = decision.relevant | on
         every = not self.prune or self.alpha.fixed is not None           # a fixed α acts on every token
-        rows = torch.arange(n, device=q.device) if every else acts.nonzero().squeeze(1)
+        acts, rows, fit_rows, cols, opened = self._acting(decision, every)
         self.retrieved = (len(rows), n)
         free = n_fit - int(self.masked.sum())                             # fitted entries not masked
-        fit_rows = ~on[rows] if free else torch.zeros_like(rows, dtype=torch.bool)
         with torch.no_grad():          # columns: the top-K fitted entries, then the edits' entries open here
             top = q.new_zeros(len(rows), min(self.top_k, free), dtype=torch.long)
             if fit_rows.any():
                 top[fit_rows] = self.fitted_top(q[rows][fit_rows])
-            cols = opened[rows].any(0).nonzero().squeeze(1)     # (not all the edits': 1,000 edits × d per token)
             idx = torch.cat([top, (n_fit + cols).expand(len(rows), -1)], 1)
-            use = torch.cat([fit_rows[:, None].expand_as(top), opened[rows][:, cols]], 1)
+            use = torch.cat([fit_rows[:, None].expand_as(top), opened], 1)
         sims = torch.einsum("md,mkd->mk", q[rows], self.keys.to(q)[idx])    # differentiable in x when training
         weights = torch.softmax((sims / self.temperature).masked_fill(~use, -1e9), dim=-1)   # finite: no NaN grads
         weights = weights.masked_fill(~use.any(1, keepdim=True), 0.0)
@@ -308,6 +303,24 @@ class LatentMemory(nn.Module):
                            decision.alpha)
         self.last_alpha = alpha.detach()
         return Retrieval(rows, idx, use, weights, alpha)
+
+    def _acting(self, decision: Decision, every: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Where a decision has the memory act: (acting tokens [n], the rows computed (all of them if `every`),
+        which of those take fitted entries, the edits' entries open at any, which rows each opens). Kept for
+        this very decision (`kept`): an edit's steps and its deeper layers share the first layer's."""
+        def make():
+            n = len(decision.relevant)
+            opened = (decision.open[:, self.owner] if decision.open.shape[1] >= self.edits
+                      else decision.open.new_zeros(n, len(self.owner)))     # [n, edits' entries]
+            on = opened.any(1)
+            acts = decision.relevant | on
+            rows = torch.arange(n, device=on.device) if every else acts.nonzero().squeeze(1)
+            free = int(self.n_fit) - int(self.masked.sum())               # fitted entries not masked
+            fit_rows = ~on[rows] if free else torch.zeros_like(rows, dtype=torch.bool)
+            cols = opened[rows].any(0).nonzero().squeeze(1)     # (not all the edits': 1,000 edits × d per token)
+            return acts, rows, fit_rows, cols, opened[rows][:, cols]
+        return kept(self, "_acting_every_cache" if every else "_acting_cache",
+                    (decision.open, decision.relevant, self.owner, self.masked), make)
 
     def forward(self, h_attn: Float[Tensor, "b t d"], x: Float[Tensor, "b t d"],
                 decision: Decision | None = None) -> Float[Tensor, "b t d"]:

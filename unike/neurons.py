@@ -124,16 +124,17 @@ class NeuronPatch(Reachable, nn.Module):
         e, out = self.edits, 0
         if held:
             out = held["out"]
-        elif e:
+        elif e and (gate is None or len(self.let_through(gate))):     # (an edit's steps keep what it lets through)
+            reached = self.reachable(x, gate)
             gate = None if gate is None else gate.reshape(*x.shape[:-1], e).to(dev)
-            out = self._block(x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e],
-                              self.reachable(x, gate), gate)
-            if held is not None and not out.requires_grad:
+            out = 0 if reached is not None and not len(reached) else self._block(
+                x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e], reached, gate)
+            if held is not None and not (isinstance(out, Tensor) and out.requires_grad):
                 held["out"] = out
         if self.pending is not None:
             p = self.pending
             out = out + self._block(x, p["k"], p["b"], p["v"], zeta[e:])
-        return out.to(q.dtype)
+        return out.to(q.dtype) if isinstance(out, Tensor) else torch.zeros_like(q)
 
     def _block(self, x: Float[Tensor, "... d"], keys: Float[Tensor, "d N"], bias: Float[Tensor, " N"],
                values: Float[Tensor, "N d"], zeta: Float[Tensor, "E d"], edits: Int[Tensor, " e"] | None = None,

@@ -62,13 +62,19 @@ class Reachable:
             return None
         x = x.reshape(-1, x.shape[-1])
         edits = (torch.arange(self.edits, device=x.device) if gate is None       # the gate first: the bound
-                 else gate.reshape(-1, gate.shape[-1]).any(0).nonzero().squeeze(1))   # only where it lets through
+                 else self.let_through(gate).to(x.device))                      # only where it lets through
+        if not len(edits):
+            return edits
         def gather():                 # kept while the gate lets the same edits through (an edit's steps)
             return tuple(t.to(x.device)[..., edits] for t in self._bound())
         centre, radius, top = kept(self, "_bound_gather", (self.keys, self.bias), gather, edits)
         upper = x @ centre + x.norm(dim=-1, keepdim=True) * radius + top
         edits = edits[(upper > 0).any(0)]
         return None if len(edits) == self.edits else edits
+
+    def let_through(self, gate: Bool[Tensor, "... E"]) -> Int[Tensor, " e"]:
+        """The edits `gate` lets through somewhere, kept for this very gate: an edit's steps share one."""
+        return kept(self, "_through_cache", (gate,), lambda: gate.reshape(-1, gate.shape[-1]).any(0).nonzero()[:, 0])
 
     def _bound(self) -> tuple[Float[Tensor, "d E"], Float[Tensor, " E"], Float[Tensor, " E"]]:
         """(c_e, ρ_e, max_j b_j) of every committed edit, kept until the keys or biases change."""
