@@ -97,3 +97,15 @@ def test_two_editors_on_two_models_do_not_interfere():
     assert torch.equal(logits(a, probe), alone[0]) and torch.equal(logits(b, probe), base)
     first.detach()
     assert torch.equal(logits(a, probe), base)
+
+
+def test_inference_mode_gives_what_no_grad_gives(edited):
+    """Under `torch.inference_mode` (as the speed bench and many serving loops run), the edited model's
+    logits are those under `torch.no_grad`, called twice (what one forward keeps must not outlive it)."""
+    model, processor, cases, editor = edited
+    batch = collate([encode(processor, c.image, c.prompt) for c in cases], pad_id_of(processor), side="left")
+    with torch.no_grad():
+        want = model(**batch).logits
+    for _ in range(2):
+        with torch.inference_mode():
+            assert torch.equal(model(**batch).logits, want)

@@ -34,7 +34,9 @@ def carry(owner, name: str, value: tuple[Tensor, ...] | None, tensors: tuple[Ten
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+    """In-place changes of each tensor; an inference tensor (made under `torch.inference_mode`, e.g. one
+    forward's gate) has no counter and counts as unchanged: it can only be changed inside that mode."""
+    return tuple(-1 if t.is_inference() else t._version for t in tensors)
 
 
 def _fresh(cached, tensors: tuple[Tensor, ...]) -> bool:
