@@ -33,9 +33,8 @@ def fitted(fields: list[str], seed: int, triplets: int = 2000, cache: str = ".ca
     world = unike.SynthWorld(seed=0)
     editor = unike.UniKE(model, processor, unike.UniKEConfig(seed=seed, **config))
     path = Path(cache) / f"fit{triplets}-{editor.config.latent_read}.pt"
-    if path.exists():
-        states = torch.load(path, weights_only=False)
-    else:
+    states = torch.load(path, weights_only=False) if path.exists() else None
+    if states is None or not getattr(states, "words", None):     # (collected before the prompts' words were kept)
         states = editor.collect(world.triplets(n=triplets, seed=3))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(states, path)

@@ -1,15 +1,17 @@
-"""Text-only edits (no image) on the tiny model: the figures of "Text-only edits: a limit" in docs/method.md.
+"""Text-only edits (no image) on the tiny model: the figures of "Text-only edits: the subject test" in
+docs/method.md.
 
 1. the base model's answers to every text fact in its three wordings;
 2. locality: diet facts edited one after another (wording 0, another diet), and after 1, 5 and 30 edits
-   how many of the other 70 subjects' diet answers (wording 0) changed;
+   how many of the other 70 subjects' diet answers (wording 0) changed; then how many of the 30 edited
+   subjects answer their target in each wording;
 3. the router's question test: of the 30 edited subjects' keys and the 70 others' questions, how many
    pairs pass τ_q, and how many a per-edit question radius raised above the fit look-alikes would let in
    (as `EditRouter.lookalike_radius` raises the image threshold), and the edits' own rephrasings;
 4. updates: 30 text facts edited (wording 0), then again to a newer value (wording 1); greedy answers on
    the three wordings: newest, stale or another.
 
-    python scripts/text_edits.py SEED [key=value ...]     (e.g. route=False)
+    python scripts/text_edits.py SEED [key=value ...]     (e.g. route_subject=False)
 """
 import argparse
 import random
@@ -49,13 +51,16 @@ def main() -> None:
     question = lambda subject, w=0: world.text_question("diet_by_name", subject, w)   # noqa: E731
     with editor.disabled():
         base = ask([question(s) for _, s, _ in others])
-    done = 0
+    done, wanted = 0, []
     for k in (1, 5, 30):
         for _, subject, answer in edited[done:k]:
-            editor.edit(EditCase(image=None, prompt=question(subject), target=rng.choice([v for v in values if v != answer])))
+            wanted.append(rng.choice([v for v in values if v != answer]))
+            editor.edit(EditCase(image=None, prompt=question(subject), target=wanted[-1]))
         done = k
         changed = sum(a != b for a, b in zip(ask([question(s) for _, s, _ in others]), base))
         print(f"locality: after {k} diet edits, {changed} of {len(others)} other subjects' answers changed")
+    held = [sum(a == normalize(t) for a, t in zip(ask([question(s, w) for _, s, _ in edited]), wanted)) for w in range(3)]
+    print(f"edited: after 30 diet edits, {held} of {len(edited)} answer their target (wordings 0 = edited, 1, 2)")
     editor.reset()
 
     router, cfg, first = editor.router, editor.config, editor.layer_ids[0]

@@ -16,9 +16,10 @@ from .data.case import EditCase, Triplet, load_image, missing_images
 from .hooks import Hooks
 from .layer import EditedLayer, Switch, first
 from .locate import TextStack
-from .prompting import IGNORE, answer_tokens, collate, encode, eos_id_of, on_model, pad_id_of
+from .prompting import IGNORE, answer_tokens, collate, encode, eos_id_of, on_model, pad_id_of, tokenizer_of
 from .roles import answer_end_index, image_mask, last_index, last_prompt_index, target_positions
 from .router import image_codes
+from .subject import prompt_words
 
 
 @dataclass
@@ -35,13 +36,15 @@ class FitStates:
     token, for `prompt_negatives`; empty unless the collecting editor's config sets it).
     img [n, d], has_img [n]: the mean state over each prompt's image tokens (zeros where it has none) and
     which prompts have them (for the router; at the first edited layer only, empty at the others).
-    `questions`: the image questions (for image negatives).
+    `questions`: the image questions (for image negatives); `words`: each row's prompt words
+    (`unike.subject.prompt_words`, for the subject test of edits without an image).
     """
 
     KEYS = ("h_sem", "h_pos", "h_neg", "v_pos", "k_head", "v_head", "q", "q_ans", "other", "q_other", "img",
             "has_img")
     layers: dict[int, dict[str, Tensor]]
     questions: list[str] = field(default_factory=list)
+    words: list[Tensor] = field(default_factory=list)
     trained: dict = field(default_factory=dict, repr=False)   # spaces trained on these states, per setting
 
     def __len__(self) -> int:
@@ -95,6 +98,9 @@ class Collector:
                  switch: Switch, image_token: int | None):
         self.model, self.processor, self.stack, self.layers = model, processor, stack, layers
         self.switch, self.image_token = switch, image_token
+        special = set(getattr(tokenizer_of(processor), "all_special_ids", None) or []) if processor else set()
+        self.skip = torch.tensor(sorted(special | ({image_token} if image_token is not None else set())),
+                                 dtype=torch.long)     # tokens that are no prompt's words (`unike.subject`)
 
     @contextlib.contextmanager
     def disabled(self):
@@ -173,7 +179,7 @@ class Collector:
         """FitStates of batches of (question + right answer, question + wrong answer) inputs with labels
         (`prepare` turns a batch into the model's inputs); `prompt_negatives`: also keep FFN inputs at
         image tokens."""
-        collected = {l: {k: [] for k in FitStates.KEYS} for l in self.layers}
+        collected, words = {l: {k: [] for k in FitStates.KEYS} for l in self.layers}, []
         eos = eos_id_of(self.model, self.processor)
         for pos, neg in tqdm(pairs, total=total, desc="triplet states", disable=not progress):
             pos, neg = prepare(pos), prepare(neg)
@@ -196,8 +202,9 @@ class Collector:
                     collected[l][k].append(v.cpu())
             for l, st in self.states(neg).items():
                 collected[l]["h_neg"].append(st.h_pos.cpu())
+            words += prompt_words(pos, self.skip)
         return FitStates({l: {k: torch.cat(v) if v else torch.zeros(0, self.stack.hidden_size)
-                              for k, v in collected[l].items()} for l in self.layers})
+                              for k, v in collected[l].items()} for l in self.layers}, words=words)
 
     @torch.no_grad()
     def image_negatives(self, case: EditCase, questions: list[str], n: int,

@@ -66,6 +66,9 @@ class UniKEConfig:
                                          # question over it by the base model, is its rival where the answer differs
     route_updates: bool = True           # and where it is the same and their questions overlap, the new edit updates
                                          # that edit's knowledge: it takes precedence wherever it opens (ours)
+    route_subject: bool = True           # an edit without an image opens only where its subject (its prompt's word
+                                         # rarest among the fit prompts its question test passes) has occurred in
+                                         # the prompt; a later one of the same subject updates it (unike.subject; ours)
     scoped_negatives: bool = True        # with route: train each edit only against the negatives its gate reaches
     # external knowledge (latent memory)
     latent: bool = True

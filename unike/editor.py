@@ -30,6 +30,7 @@ from .replay import Replay
 from .roles import image_token_id
 from .scope import Pending, Scope
 from .spaces import train_spaces
+from .subject import prompt_words
 from .training import targets, train_neurons, unrelated
 
 SPACE_FIELDS = ("encoder_hidden", "truth_dim", "encoder_steps", "encoder_lr", "encoder_batch", "encoder_tau", "seed")
@@ -217,7 +218,8 @@ class UniKE:
         picks = tuple(torch.randperm(len(first[k]), generator=gen)[:cfg.neg_memory_size] for k in ("q", "q_ans"))
         for layer, st in zip(self.layers.values(), stacked):
             layer.fit(st, picks, gen, dev)
-        self.router.to(dev).fit(first["h_sem"], first["img"], first["has_img"], picks[0])
+        self.router.to(dev).fit(first["h_sem"], first["img"], first["has_img"], picks[0],
+                                getattr(states, "words", None))       # (states collected before words: none)
         self.fit_questions = list(states.questions)
         self.fitted = True
         self.reset()
@@ -236,15 +238,21 @@ class UniKE:
             self._warned = True
         states = self.collector.states(inputs)
         at = targets(inputs["labels"], eos_id_of(self.model, self.processor))
-        first, radius = states[self.layer_ids[0]], None
-        if cfg.route and cfg.route_lookalikes:       # the edit's image radius (its gate), known before training
-            apart = unrelated({l: st.q[at] for l, st in states.items()},
+        first, radius, subject = states[self.layer_ids[0]], None, -1
+        text = cfg.route and cfg.route_subject and first.image is None
+        if cfg.route and (cfg.route_lookalikes or text):   # the edit's image radius or subject (its gate), known
+            apart = unrelated({l: st.q[at] for l, st in states.items()},      # before training
                               {l: self.layers[l].negatives.to(st.q) for l, st in states.items()}, cfg.neg_exclude_cos)
-            radius = self.router.lookalike_radius(first.x[at], first.image, apart)
+            if cfg.route_lookalikes:
+                radius = self.router.lookalike_radius(first.x[at], first.image, apart)
+            if text:
+                subject = self.router.subject_of(prompt_words(inputs, self.collector.skip)[0], first.x[at], apart)
         asked, other, olds = None, None, self.router.owner[:0]
         if cfg.route and cfg.route_rivals and cfg.route_asked:
             asked, other, olds = self._ask(item, first.x[at], first.image, radius)
-            olds = olds if cfg.route_updates else olds[:0]
+        if subject >= 0:                              # an earlier edit of the same subject and question: updated
+            olds = self.router.same_subject(first.x[at], subject)
+        olds = olds if cfg.route_updates else olds[:0]
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:
             for l, st in states.items():
                 v_pos, k_head, v_head = self.collector.attn_values(l, st.h_pos, inputs)
@@ -253,20 +261,21 @@ class UniKE:
         if cfg.intrinsic:
             extra = None if not isinstance(item, EditCase) else self.collector.image_negatives(
                 item, self.fit_questions, cfg.image_negatives, cfg.seed + self.n_edits)
-            self.scope.hold(Pending(first.x[at], first.image, radius, olds))   # its memory entry opens as it will
+            # its memory entry opens as it will
+            self.scope.hold(Pending(first.x[at], first.image, radius, olds, subject))
             replay = self.replay() if cfg.replay else contextlib.nullcontext()
             try:
                 with replay:            # its steps repeat one call: what comes before the edited layers, once
                     info = train_neurons(self.model, self.layers, cfg, inputs, states, at, extra,
                                          self.router if cfg.route and cfg.scoped_negatives else None, progress,
-                                         radius, self._questions_of(olds))
+                                         radius, self._questions_of(olds), subject)
             finally:
                 self.scope.release()
         if self.fitted:                               # the fitted entries of the facts it changes leave retrieval
-            changed = self.router.changed(first.x[at], first.image, radius)
+            changed = self.router.changed(first.x[at], first.image, radius, subject)
             for memory in self.memory.values():
                 memory.mask(changed)
-        self.router.add(first.x[at], first.image, radius=radius)
+        self.router.add(first.x[at], first.image, radius=radius, subject=subject)
         if cfg.route and cfg.route_rivals:            # split its scope from look-alike edits of other knowledge
             apart = self._apart(states, at)
             apart[olds] = False                       # ... and take precedence over those it updates

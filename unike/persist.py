@@ -109,10 +109,11 @@ def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[i
     """What a state saved by an older version lacks or names otherwise: tensors named by module kind and
     layer (renamed), empty `prompt_negatives` pools (the option's default), α's scale (1), the memory's
     masks (none), its entries' edits (one entry per edit) and head keys (none: read by the output shift),
-    an empty router (routing then
-    off, with a warning) or one without its fit negatives' features (new edits then train against every
-    negative, as before), ζ′ decoders (new edits without ζ′, with a warning) and, where the memory's index
-    has no residuals, an empty index to be rebuilt from the saved keys after loading (the layers returned)."""
+    an empty router (routing then off, with a warning) or one without its fit negatives' features (new
+    edits then train against every negative, as before), no edit's subject (`unike.subject`; nor the fit
+    words to choose one, until fit again), ζ′ decoders (new edits without ζ′, with a warning) and, where the
+    memory's index has no residuals, an empty index to be rebuilt from the saved keys after loading (the
+    layers returned)."""
     state = {_rename(k): v for k, v in state.items()}
     d, ids = editor.stack.hidden_size, editor.layer_ids
     state = {**{f"layers.{l}.prompt_negatives": torch.zeros(0, d) for l in ids}, **state}
@@ -130,6 +131,8 @@ def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[i
             editor.config = replace(editor.config, route=False)
     if "router.radius" not in state and "router.has_image" in state:   # saved before per-edit image thresholds
         state["router.radius"] = torch.full((len(state["router.has_image"]),), editor.config.route_image)
+    if "router.subject" not in state and "router.has_image" in state:  # saved before subjects: none (and no
+        state["router.subject"] = torch.full((len(state["router.has_image"]),), -1)   # fit words to choose one)
     for l in ids:   # saved before α had its scale, the memory its entries' edits and masks: raw cosines, no masks
         state.setdefault(f"layers.{l}.memory.alpha.scale", torch.tensor(1.0))
         n_fit, n = int(state.get(f"layers.{l}.memory.n_fit", 0)), len(state.get(f"layers.{l}.memory.keys", ()))
@@ -196,7 +199,8 @@ def check_state(editor, state: dict[str, Tensor], n_edits: int) -> None:
             raise ValueError(f"the saved state of layer {l} is inconsistent (memory sizes {sizes}, n_fit {n_fit}, "
                              f"neurons {neurons}, {n_edits} edits): it was altered or truncated; save it again")
     routed, owner = len(state["router.has_image"]), state["router.owner"]
-    if ({len(state[f"router.{k}"]) for k in ("images", "open", "radius")} != {routed}
+    if ({len(state[f"router.{k}"]) for k in ("images", "open", "radius", "subject")} != {routed}
+            or len(state["router.negative_words"]) != len(state["router.negative_word_rows"])
             or len(owner) != len(state["router.keys"]) or (len(owner) and int(owner.max()) >= routed)
             or any(state[f"router.{k}"].shape[1:] != (2,) or bool((state[f"router.{k}"] >= routed).any())
                    for k in ("rivals", "yields"))

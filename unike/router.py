@@ -10,7 +10,9 @@ the same for the edit's own target positions (the question's last token and the 
 over the prompt's image tokens, centred on the fit images' mean and normalised, and c_e the edit's; r_e is
 the edit's image radius, τ_img or above it to keep out the fit's look-alikes (`lookalike_radius`). A
 test whose centre is the edit's own state (every fit prompt the edit's) is not made for that edit. An
-edit without an image skips the image test; an edit with one never fires on a prompt without one. The
+edit without an image skips the image test and takes a subject test instead (`unike.subject`,
+`UniKEConfig.route_subject`): it opens only where its subject's token has occurred in the prompt. An edit
+with an image never fires on a prompt without one. The
 image code is a property of the whole prompt: `UniKE` computes it where the image tokens are and keeps it
 with the KV cache for the generated tokens, so cached and uncached generation agree.
 
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from .grow import append
+from .subject import rarest
 
 
 class EditRouter(nn.Module):
@@ -56,6 +59,11 @@ class EditRouter(nn.Module):
         self.register_buffer("rivals", torch.zeros(0, 2, dtype=torch.long))
         # (j, e): edit j, whose knowledge the later edit e updates, is closed wherever e opens (`precede`)
         self.register_buffer("yields", torch.zeros(0, 2, dtype=torch.long))
+        # each edit's subject token (-1: none, as for an edit with an image) and the fit negatives' prompt words
+        # (distinct token ids, flat, and the negative of each), to choose it (`unike.subject`)
+        self.register_buffer("subject", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("negative_words", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("negative_word_rows", torch.zeros(0, dtype=torch.long))
 
     @property
     def edits(self) -> int:
@@ -63,9 +71,10 @@ class EditRouter(nn.Module):
 
     @torch.no_grad()
     def fit(self, questions: Float[Tensor, "n d"], images: Float[Tensor, "n d"], has: Bool[Tensor, " n"],
-            picks: Tensor) -> None:
+            picks: Tensor, words: list[Tensor] | None = None) -> None:
         """Statistics of the fit prompts: their last-token states, their image states (where `has`), and
-        the scope features of the rows `picks` that the edited layers keep as negatives."""
+        the scope features of the rows `picks` that the edited layers keep as negatives (with `words`, each
+        fit prompt's `unike.subject.prompt_words`, their words)."""
         self.mean, self.std = questions.mean(0).to(self.mean), questions.std(0).clamp_min(1e-5).to(self.std)
         self.image_mean = images[has].mean(0).to(self.mean) if has.any() else self.mean.new_zeros(0)
         self.negatives = self.standardize(questions[picks].to(self.mean))
@@ -73,6 +82,10 @@ class EditRouter(nn.Module):
         self.rows = picks.to(self.mean.device)
         self.negative_images = (self.image_code(images[picks].to(self.mean)) * self.negative_has[:, None]
                                 if has.any() else torch.zeros_like(self.negatives))
+        kept = [words[i] for i in picks.tolist()] if words is not None and len(words) == len(questions) else []
+        self.negative_words = torch.cat([w.long() for w in kept] + [self.subject.new_zeros(0)]).to(self.mean.device)
+        self.negative_word_rows = torch.arange(len(kept)).repeat_interleave(
+            torch.tensor([len(w) for w in kept], dtype=torch.long)).to(self.mean.device)
         self.truncate(0)
 
     def standardize(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
@@ -112,12 +125,40 @@ class EditRouter(nn.Module):
         return max(self.tau_image, min(radius, self.tau_image_max))
 
     @torch.no_grad()
+    def subject_of(self, words: Int[Tensor, " w"], targets: Float[Tensor, "p d"],
+                   apart: Bool[Tensor, " m"] | None = None) -> int:
+        """An edit's subject token (`unike.subject.rarest`): among its prompt's `words`, the one in the fewest
+        fit negatives its question test passes (that hold other knowledge, given `apart`), then in the
+        fewest fit negatives; -1 where the router kept no words of them."""
+        keys = self.standardize(targets.to(self.keys.device))
+        near = (self.negatives @ keys.T >= self.tau_question).any(-1)
+        if apart is not None and len(apart) == len(near):
+            near = near & apart.to(near.device)
+        return rarest(words, self.negative_words, self.negative_word_rows, near)
+
+    def holding(self, subject: int) -> Bool[Tensor, " m"] | None:
+        """Which fit negatives' prompts hold the word `subject`; None where that is not known."""
+        if subject < 0 or not len(self.negative_words):
+            return None
+        rows = self.negative_word_rows[self.negative_words == subject]
+        return torch.zeros(len(self.negatives), dtype=torch.bool, device=rows.device).index_fill(0, rows, True)
+
+    def same_subject(self, targets: Float[Tensor, "p d"], subject: int) -> Int[Tensor, " j"]:
+        """The committed edits with the subject `subject` whose question tests overlap that of `targets`: a
+        text-only edit of the same knowledge, which a new one updates (`precede`)."""
+        if subject < 0:
+            return self.owner[:0]
+        keys = self.standardize(targets.to(self.keys.device))
+        return (self._overlap(keys) & (self.subject == subject)).nonzero()[:, 0]
+
+    @torch.no_grad()
     def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, everywhere: bool = False,
-            radius: float | None = None) -> None:
+            radius: float | None = None, subject: int = -1) -> None:
         """Enter one edit: its states at the target positions and its image code (None: no image);
         `everywhere`: let it act at every position (the speed bench's synthetic edits); `radius`: its image
-        threshold (None: τ_img)."""
+        threshold (None: τ_img); `subject`: its subject token (-1: none)."""
         keys, code, seen, is_open = self.entry(targets, image)
+        append(self, "subject", self.subject.new_tensor([subject]))
         append(self, "radius", self.radius.new_tensor([self.tau_image if radius is None else radius]))
         append(self, "open", self.open.new_tensor([everywhere or is_open]))
         append(self, "keys", keys)
@@ -128,42 +169,50 @@ class EditRouter(nn.Module):
     @torch.no_grad()
     def reaches(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, z: Float[Tensor, "m d"],
                 codes: Float[Tensor, "m d"] | None = None, has: Bool[Tensor, " m"] | None = None,
-                radius: float | None = None) -> Bool[Tensor, " m"]:
+                radius: float | None = None, holds: Bool[Tensor, " m"] | None = None) -> Bool[Tensor, " m"]:
         """Where a new edit (its target states and image, its image threshold `radius`, None: τ_img) would be
         let through: at standardised states z of prompts with image codes `codes` (`has`: which have an
-        image; None: the edit's own prompt)."""
+        image; None: the edit's own prompt) and, for an edit with a subject, `holds` (whether each prompt
+        holds it there; None: not known, so it counts as held)."""
         keys, code, seen, is_open = self.entry(targets, image)
         z = z.to(keys)
+        held = torch.ones(len(z), dtype=torch.bool, device=z.device) if holds is None else holds.to(z.device)
         if is_open:
-            return torch.ones(len(z), dtype=torch.bool, device=z.device)
-        near = (z @ keys.T >= self.tau_question).any(-1)
+            return held
+        near = (z @ keys.T >= self.tau_question).any(-1) & held
         if not seen or codes is None:
             return near
         return near & has.to(near.device) & (codes.to(code) @ code >= (self.tau_image if radius is None else radius))
 
     def negative_scope(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, fit: int,
                        prompt: Float[Tensor, "r d"], extra: Float[Tensor, "s d"] | None = None,
-                       radius: float | None = None) -> Bool[Tensor, " m"]:
+                       radius: float | None = None, subject: int = -1,
+                       prompt_holds: Bool[Tensor, " r"] | None = None) -> Bool[Tensor, " m"]:
         """Which of a new edit's negatives its gate will reach, in `train_neurons`' order: the `fit`
         negatives, the earlier edits' target positions, the edit's own prompt positions and `extra` ones
         (other questions over the edit's image; both raw states, tested on their question). Negatives whose
         features this router lacks (a state saved before it kept them) count as reached. `radius`: the
-        edit's image threshold."""
-        fit_ok = (self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius)
+        edit's image threshold; `subject`: its subject, and `prompt_holds`: where its own prompt holds it.
+        An earlier edit's positions count as holding the subject unless that edit has another one."""
+        fit_ok = (self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius,
+                               self.holding(subject))
                   if len(self.negatives) == fit else torch.ones(fit, dtype=torch.bool, device=self.keys.device))
-        earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner], radius)
-        own = self.reaches(targets, image, self.standardize(prompt.to(self.keys.device)))
+        other = (self.subject >= 0) & (self.subject != subject) if subject >= 0 else torch.zeros_like(self.has_image)
+        earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner], radius,
+                               ~other[self.owner])
+        own = self.reaches(targets, image, self.standardize(prompt.to(self.keys.device)), holds=prompt_holds)
         extra = own[:0] if extra is None else self.reaches(targets, image, self.standardize(extra.to(own.device)))
         return torch.cat([fit_ok, earlier, own, extra])
 
     @torch.no_grad()
     def changed(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None,
-                radius: float | None = None) -> Tensor:
+                radius: float | None = None, subject: int = -1) -> Tensor:
         """The fit rows (memory entries) a new edit's gate reaches, whose facts it changes; none where the
         router lacks their features or the gate would reach every one (an edit at the fit mean)."""
         if not len(self.rows) or len(self.rows) != len(self.negatives):
             return self.rows[:0]
-        hit = self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius)
+        hit = self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius,
+                           self.holding(subject))
         return self.rows[:0] if hit.all() else self.rows[hit]
 
     @torch.no_grad()
@@ -238,12 +287,14 @@ class EditRouter(nn.Module):
         self.keys, self.owner = self.keys[keep], self.owner[keep]
         self.images, self.has_image, self.open = self.images[:edits], self.has_image[:edits], self.open[:edits]
         self.radius, self.rivals = self.radius[:edits], self.rivals[(self.rivals < edits).all(1)]
-        self.yields = self.yields[(self.yields < edits).all(1)]
+        self.yields, self.subject = self.yields[(self.yields < edits).all(1)], self.subject[:edits]
 
     def forward(self, x: Float[Tensor, "b t d"], image: Float[Tensor, "b d"] | None,
-                has: Bool[Tensor, " b"] | None = None) -> Bool[Tensor, "b t e"]:
+                has: Bool[Tensor, " b"] | None = None,
+                holds: Bool[Tensor, "b t e"] | None = None) -> Bool[Tensor, "b t e"]:
         """g_e(t) for every committed edit; `image`: the prompts' mean image-token states, `has`: which
-        prompts show an image (None: unknown, e.g. a model fed embeddings; the image test is then skipped).
+        prompts show an image (None: unknown, e.g. a model fed embeddings; the image test is then skipped);
+        `holds`: whether each edit's subject has occurred up to each position (None: not known, skipped).
         An edit with rivals passes the image test only where the image is closer to its own than to theirs.
         The image test comes first, and only the keys of edits it lets through somewhere are tested, so
         that the cost follows the edits near the prompts' images rather than every edit committed."""
@@ -261,6 +312,8 @@ class EditRouter(nn.Module):
         z = self.standardize(x) @ self.keys.to(dev)[tested].T >= self.tau_question   # [b, t, keys tested]
         near = x.new_zeros(b, t, self.edits, dtype=torch.float).index_add_(-1, owner[tested], z.float()) > 0
         gate, (js, later) = (near | is_open) & let[:, None], self.yields.to(dev).T
+        if holds is not None:
+            gate = gate & holds.to(dev)
         return yield_to(gate, js, gate[..., later])
 
     def extra_repr(self) -> str:

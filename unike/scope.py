@@ -16,6 +16,7 @@ from .hooks import Hooks
 from .layer import Switch, follow
 from .roles import image_mask
 from .router import EditRouter, image_codes, yield_to
+from .subject import occurred
 
 
 class Pending(NamedTuple):
@@ -26,6 +27,7 @@ class Pending(NamedTuple):
     image: Float[Tensor, " d"] | None
     radius: float | None
     updates: Int[Tensor, " u"]
+    subject: int = -1
 
 
 class Scope:
@@ -35,6 +37,7 @@ class Scope:
         self.router, self.switch, self.image_token = router, switch, image_token
         self.call: tuple = (None, None)                  # (input_ids, KV cache) of the current call
         self.images = weakref.WeakKeyDictionary()       # a KV cache -> its prompts' image codes
+        self.words = weakref.WeakKeyDictionary()        # a KV cache -> which edits' subjects its prompts held
         self.pending: Pending | None = None     # the edit being trained
         self.holding = False                # while the pending edit trains: keep the last call's gates
         self.held: tuple | None = None      # (input_ids, x, gate, pending gate) of that call
@@ -83,7 +86,9 @@ class Scope:
         if not (self.switch.enabled and cfg.route and (cfg.intrinsic or cfg.latent) and self.router.edits):
             return None
         image, has = self.image_codes(x)
-        return follow(self.router, x)(x, image, has)
+        subjects = self.router.subject
+        holds = self.holds(x, subjects, keep=True) if bool((subjects >= 0).any()) else None
+        return follow(self.router, x)(x, image, has, holds)
 
     def pending_gate(self, x: Float[Tensor, "b t d"]) -> Bool[Tensor, "b t"] | None:
         """The gate the edit being trained will get once committed (`EditRouter.reaches` at every position of
@@ -100,7 +105,26 @@ class Scope:
         else:                          # the prompts' mean image states, as the router's codes, for each position
             codes, has = self.router.image_code(codes).repeat_interleave(t, 0), has.repeat_interleave(t, 0)
         p = self.pending
-        return self.router.reaches(p.targets, p.image, z, codes, has, p.radius).reshape(b, t)
+        holds = None if p.subject < 0 else self.holds(x, torch.tensor([p.subject]))
+        return self.router.reaches(p.targets, p.image, z, codes, has, p.radius,
+                                   None if holds is None else holds.reshape(b * t)).reshape(b, t)
+
+    def holds(self, x: Float[Tensor, "b t d"], words: Int[Tensor, " k"],
+              keep: bool = False) -> Bool[Tensor, "b t k"] | None:
+        """Whether each of `words` (the edits' subjects; -1: none, held everywhere) has occurred in the
+        prompts up to each position of x (`unike.subject.occurred`); with `keep`, carried with the KV cache
+        for the generated tokens. None where the model does not run input_ids' tokens as they are."""
+        ids, cache = self.call
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] > x.shape[1]:
+            return None
+        before = self.words.get(cache) if keep and cache is not None else None
+        if before is not None and before.shape != (len(ids), len(words)):
+            before = None
+        seen = occurred(ids, words, before)
+        if keep and cache is not None:
+            self.words[cache] = seen[:, -1]
+        prefix = seen.new_zeros(len(ids), x.shape[1] - ids.shape[1], len(words))   # what the model prepends
+        return torch.cat([prefix, seen], 1) | (words < 0).to(seen.device)
 
     def image_codes(self, x: Float[Tensor, "b t d"]) -> tuple[Tensor | None, Tensor | None]:
         """The prompts' image codes and which prompts have one; (None, None) where the model does not mark

@@ -21,6 +21,7 @@ from .layer import EditedLayer
 from .prompting import IGNORE
 from .roles import target_positions
 from .router import EditRouter
+from .subject import occurred
 
 
 @contextlib.contextmanager
@@ -93,7 +94,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
                   states: dict[int, BatchStates], at: Bool[Tensor, "b t"],
                   extra: tuple[dict[int, Tensor], Tensor] | None = None, router: EditRouter | None = None,
                   progress: bool = False, radius: float | None = None,
-                  updates: Bool[Tensor, " k"] | None = None) -> dict[str, float]:
+                  updates: Bool[Tensor, " k"] | None = None, subject: int = -1) -> dict[str, float]:
     """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
     Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
     the edit's own prompt positions and `extra` (other questions over the edit's image: their FFN inputs
@@ -104,7 +105,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     its gate reaches only: elsewhere the gate keeps them silent. `updates`: the rows of the earlier edits'
     inputs (`EditedLayer.edited`) at the question of the edits this one updates (`EditRouter.precede`): the
     same knowledge, so not negatives; the neurons at the question's last token fire there too, where the
-    gate reaches."""
+    gate reaches. `subject`: the edit's subject token (`unike.subject`; -1: none), which its gate needs."""
     cfg, labels = config, inputs["labels"]
     pos_mask = target_positions(labels)                       # positions that predict target tokens
     neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
@@ -122,8 +123,9 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     reach = torch.ones_like(keep)
     if router is not None:
         l0 = min(layers)                                      # the router's layer
+        holds = occurred(inputs["input_ids"], torch.tensor([subject]))[..., 0][neg_mask] if subject >= 0 else None
         reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
-                                      states[l0].x[neg_mask], extra_x, radius).to(keep.device)
+                                      states[l0].x[neg_mask], extra_x, radius, subject, holds).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
     # the answer positions a neuron stays silent at: those that predict another token than its own, unless
     # they are the same knowledge as its own position (`unrelated`, as for every negative); None: none
