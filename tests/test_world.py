@@ -21,6 +21,7 @@ from unike.data.world import (
     TWO_HOP_QUESTIONS,
     SynthWorld,
 )
+from unike.metrics import probes
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["v1", "v2"])
@@ -376,3 +377,33 @@ def test_edit_case_port_fields():
     with pytest.raises(ValueError, match="port_prompt needs the edit's image"):
         EditCase(image=None, prompt="what ?", target="x", port_prompt="what is the capital ?", port_answer="y")
     assert EditCase(image="a.png", prompt="what ?", target="x").port_prompt == ""
+
+
+@pytest.mark.parametrize("version,n,sequence_safe", [(1, 30, True), (1, 55, True), (1, 200, False), (2, 40, None)])
+def test_text_lists(version, n, sequence_safe):
+    """Text-only cases (task "text"): no image, the probes Rel, T-Gen (another wording), T-Loc (the same
+    relation, another subject) and M-Loc; sequence-safe lists edit each fact once, ask T-Loc about facts
+    no case edits and show M-Loc entities whose name no case edits."""
+    world = SynthWorld(seed=0, version=version)
+    cases = world.edit_cases("text", n, seed=2, sequence_safe=sequence_safe)
+    facts = {(r, s): a for r, s, a in world.text_facts()}
+    wordings = {world.text_question(r, s, w): (r, s) for r, s in facts for w in range(3)}
+    assert len(cases) == n
+    for c in cases:
+        fact = wordings[c.prompt]
+        assert c.image is None and c.task == "text" and (c.meta["relation"], c.meta["subject"]) == fact
+        assert c.ground_truth == facts[fact] and c.target != c.ground_truth
+        assert wordings[c.rephrase_prompt] == fact and c.rephrase_prompt != c.prompt
+        assert wordings[c.loc_prompt][0] == fact[0] and wordings[c.loc_prompt] != fact
+        assert c.loc_answer == facts[wordings[c.loc_prompt]]
+        m = world.entities[c.meta["mloc_entity"]]
+        assert any(c.mloc_prompt in qs and c.mloc_answer == m.get(f) for f, qs in QUESTIONS.items())
+        assert [p.metric for p in probes(c)] == ["rel", "t_gen", "t_loc", "m_loc"]
+    if sequence_safe or version == 2:
+        edited = [(c.meta["relation"], c.meta["subject"]) for c in cases]
+        assert len(set(edited)) == n
+        assert not {wordings[c.loc_prompt] for c in cases} & set(edited)
+        assert not {world.entities[c.meta["mloc_entity"]].name for c in cases} & {s for _, s in edited}
+        assert world.max_cases("text", True) == len(facts) // 2
+        with pytest.raises(ValueError, match="sequence-safe text"):
+            world.edit_cases("text", len(facts) // 2 + 1, sequence_safe=True)

@@ -104,7 +104,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--methods", default="main", help="comma list of methods or groups (main, ablations, zeta, "
                    "alpha, all), or 'none'; default: main = base,ftlast,tpatcher,grace,promptike,latentike,unike")
-    p.add_argument("--task", default="vqa", help="vqa, caption, cross (comma list)")
+    p.add_argument("--task", default="vqa", help="vqa, caption, cross, text (comma list)")
     p.add_argument("--mode", default="one-step", help="one-step, sequential (comma list)")
     p.add_argument("--k", default="10", help="edits per sequence in sequential mode (comma list, e.g. 1,10,20)")
     p.add_argument("--n", type=int, default=10, help="edit cases per run (a multiple of every K)")

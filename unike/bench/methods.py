@@ -8,7 +8,9 @@ Every method has `.model`, `.processor`, `edit(case)`, `reset()`, `disabled()` a
 * ``ftlast``, ``tpatcher``, ``grace``, ``promptike``, ``latentike`` — the baselines of `unike.baselines`;
 * ablations through `UniKEConfig` (paper Table 4, Fig. 4): ``intrin-only``, ``latent-only``,
   ``intrin+prompt-ike`` (prompt IKE around an intrinsic-only UniKE), ``no-collab``, ``zeta-none``,
-  ``zeta-random``, ``zeta-semantic`` and ``alpha-<x>`` (a fixed α = x in [0, 1]).
+  ``zeta-random``, ``zeta-semantic`` and ``alpha-<x>`` (a fixed α = x in [0, 1]);
+* our additions switched off: ``unrouted`` (the paper's ungated neurons), ``no-subject`` (text-only edits
+  gated by their question test alone).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ MAIN = ("base", "ftlast", "tpatcher", "grace", "promptike", "latentike", "unike"
 ABLATIONS = ("intrin-only", "latent-only", "intrin+prompt-ike", "no-collab")
 ZETAS = ("zeta-none", "zeta-random", "zeta-semantic")
 ALPHAS = ("alpha-0.0", "alpha-0.2", "alpha-0.4", "alpha-0.6", "alpha-0.8")
-OURS = ("unrouted",)   # our additions to the paper's method, switched off one at a time
+OURS = ("unrouted", "no-subject")   # our additions to the paper's method, switched off one at a time
 GROUPS = {"main": MAIN, "ablations": ABLATIONS, "zeta": ZETAS, "alpha": ALPHAS, "ours": OURS,
           "all": MAIN + ABLATIONS + ZETAS + ALPHAS + OURS}
 BASELINES = {"ftlast": "FTLast", "tpatcher": "TPatcher", "grace": "GRACE", "promptike": "PromptIKE",
@@ -33,7 +35,7 @@ BASELINES = {"ftlast": "FTLast", "tpatcher": "TPatcher", "grace": "GRACE", "prom
 VARIANTS = {  # UniKEConfig switches of each UniKE variant
     "unike": {}, "intrin-only": {"latent": False}, "latent-only": {"intrinsic": False},
     "no-collab": {"collaboration": False}, "zeta-none": {"zeta": "none"}, "zeta-random": {"zeta": "random"},
-    "zeta-semantic": {"zeta": "semantic"}, "unrouted": {"route": False},
+    "zeta-semantic": {"zeta": "semantic"}, "unrouted": {"route": False}, "no-subject": {"route_subject": False},
 }
 ALPHA = re.compile(r"alpha-(\d+(?:\.\d+)?)$")
 

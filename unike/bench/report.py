@@ -15,7 +15,8 @@ NAMES = {"base": "Base model", "ftlast": "FT (last layer)", "tpatcher": "T-Patch
          "latent-only": "2 only Latent-IKE", "intrin+prompt-ike": "3 Intrin + IKE (prompt)",
          "no-collab": "4 Intrin + Latent-IKE (no collaboration)", "zeta-none": "no ζ", "zeta-random": "random ζ",
          "zeta-semantic": "semantic ζ"}
-TASK_TITLES = {"vqa": "E-VQA-style (task vqa)", "caption": "E-IC-style (task caption)"}
+TASK_TITLES = {"vqa": "E-VQA-style (task vqa)", "caption": "E-IC-style (task caption)",
+               "text": "text-only facts, ZsRE-style (task text; no image, so no M-Gen, CI-Loc or RI-Loc)"}
 
 
 def name_of(method: str) -> str:
@@ -88,9 +89,10 @@ def others(runs: list[dict], known) -> list[str]:
 
 def one_step(runs: list[dict]) -> str:
     parts = []
-    for task in ("vqa", "caption"):
+    for task in ("vqa", "caption", "text"):
         rs = select(runs, mode="one-step", task=task)
-        rows = rows_for(rs, MAIN, paper.ONE_STEP[task], task)
+        rows = rows_for(rs, MAIN + tuple(others(rs, MAIN)) if task == "text" else MAIN, paper.ONE_STEP.get(task, {}),
+                        task)
         if rows:
             parts.append(f"### Table 1 — one-step editing, {TASK_TITLES[task]}\n\n{full_table(rows)}")
     return "\n\n".join(parts)
@@ -98,7 +100,7 @@ def one_step(runs: list[dict]) -> str:
 
 def sequential(runs: list[dict]) -> str:
     parts = []
-    for task in ("vqa", "caption"):
+    for task in ("vqa", "caption", "text"):
         rs = select(runs, mode="sequential", task=task)
         for k in sorted({r["k"] for r in rs}):
             order = MAIN + tuple(others(rs, MAIN))

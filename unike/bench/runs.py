@@ -16,7 +16,7 @@ from ..data.world import SynthWorld
 from ..metrics import PROTOCOLS, SCORE_AFTER, evaluate
 from . import methods as registry
 
-TASKS = ("vqa", "caption", "cross")
+TASKS = ("vqa", "caption", "cross", "text")
 MODES = ("one-step", "sequential")
 RUN_KEY = ("model", "method", "task", "mode", "k", "n", "protocol", "score_after", "seed", "sequence_safe")
 

@@ -48,7 +48,7 @@ __all__ = ["ATTRIBUTES", "CAPITALS", "CAPTION_PROMPTS", "CLIMATES", "COLOURS", "
 EVAL_SEED = 10**6  # rendering seeds >= this are never used in training
 DEFAULT_VERSION = 1  # the shipped tiny model knows version 1; set 2 here once a model trained on version 2 ships
 
-TASKS = ("vqa", "caption", "cross")  # a fact, a caption, or a list of both
+TASKS = ("vqa", "caption", "cross", "text")  # a fact, a caption, a list of both, or a text-only fact
 WRITES = {"caption": ("name", "kind")}  # the facts an edit changes (a fact edit: that fact)
 READS = {"caption": ("name", "kind", "habitat")}  # the facts a question's answer depends on
 
@@ -197,19 +197,22 @@ class SynthWorld:
         most half the entities per fact, one fact per entity left for CI-Loc), every entity but one for
         captions (one left for RI-Loc), half the entities for a cross-task list (so every RI and locality
         probe still finds an entity no edit touched); None for the version-1 lists, which repeat (entity,
-        fact) pairs past the pool's end. `sequence_safe`: as in `edit_cases`."""
+        fact) pairs past the pool's end; half the text facts for text-only cases (the rest for T-Loc).
+        `sequence_safe`: as in `edit_cases`."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if not (self.version >= 2 if sequence_safe is None else sequence_safe):
             return None
         n = len(self.entities)
-        return {"vqa": n * (len(FACTS) - 1) // 2, "caption": n - 1, "cross": n // 2}[task]
+        return {"vqa": n * (len(FACTS) - 1) // 2, "caption": n - 1, "cross": n // 2,
+                "text": len(self.text_facts()) // 2}[task]
 
     def edit_cases(self, task: str = "vqa", n: int = 100, seed: int = 0, sequence_safe: bool | None = None,
                    vqa: int | None = None) -> list[EditCase]:
-        """`n` held-out edit cases with every probe filled; task "vqa" (a fact), "caption", or "cross": `vqa`
-        VQA cases (default n // 2), then the captions. A sequence-safe cross list is safe across the two
-        tasks too: no entity is edited by both, and no probe reads a fact that any case of the list writes.
+        """`n` held-out edit cases with every probe filled; task "vqa" (a fact), "caption", "cross": `vqa`
+        VQA cases (default n // 2), then the captions, or "text" (a text-only fact, `_text_cases`). A
+        sequence-safe cross list is safe across the two tasks too: no entity is edited by both, and no probe
+        reads a fact that any case of the list writes.
 
         Sequence-safe lists (version 2's default; `sequence_safe=True` in version 1 too) can be edited as
         one sequence: no two cases edit the same entity fact, and no probe asks about a fact another case
@@ -230,7 +233,41 @@ class SynthWorld:
         if task == "cross" and not sequence_safe:    # the two lists as they are drawn alone
             return self.edit_cases("vqa", vqa, seed, False) + self.edit_cases("caption", n - vqa, seed, False)
         rng = random.Random(f"edit-{task}-{self.seed}-{seed}")
+        if task == "text":
+            return self._text_cases(rng, n, sequence_safe)
         return self._safe_cases(rng, task, n, vqa) if sequence_safe else self._cases_v1(rng, task, n)
+
+    def _text_cases(self, rng: random.Random, n: int, safe: bool) -> list[EditCase]:
+        """Text-only cases (ZsRE-like; no image): a text fact asked in one wording, edited to another value of
+        its relation; T-Gen another wording; T-Loc the same relation about another subject; M-Loc a question
+        about a rendered entity. In a sequence-safe list no two cases edit one fact, T-Loc asks about facts no
+        case edits, and M-Loc shows entities whose name no case's subject is; otherwise facts repeat past
+        the pool's end and probes may touch edited facts."""
+        facts, values = self.text_facts(), {}
+        for relation, _, answer in facts:
+            values.setdefault(relation, set()).add(answer)
+        order: list = []
+        while len(order) < n:
+            order += rng.sample(facts, len(facts))
+        edits = order[:n]
+        spare = [f for f in facts if f not in edits] if safe else facts
+        names = {subject for _, subject, _ in edits} if safe else set()
+        shown = [e for e in self.entities if e.name not in names]
+        cases = []
+        for relation, subject, truth in edits:
+            i, j = rng.sample(range(3), 2)
+            others = [f for f in spare if f[0] == relation and f[1] != subject] or [f for f in spare if f[1] != subject]
+            _, other, loc_answer = rng.choice(others)
+            m, fact = rng.choice(shown), rng.choice(FACTS)
+            cases.append(EditCase(
+                image=None, prompt=self.text_question(relation, subject, i), ground_truth=truth,
+                target=rng.choice(sorted(values[relation] - {truth})),
+                rephrase_prompt=self.text_question(relation, subject, j),
+                loc_prompt=self.text_question(relation, other, rng.randrange(3)), loc_answer=loc_answer,
+                mloc_image=self.render(m, self._seed(rng)), mloc_prompt=rng.choice(QUESTIONS[fact]),
+                mloc_answer=m.get(fact), task="text", meta={"relation": relation, "subject": subject,
+                                                            "mloc_entity": m.index}))
+        return cases
 
     def _case(self, rng: random.Random, e: Entity, ri: Entity, mloc: Entity, meta: dict, **fields) -> EditCase:
         """Draw the four rendering seeds and build the case."""
