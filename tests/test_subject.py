@@ -8,7 +8,7 @@ import torch
 import unike
 from unike.metrics import Probe, generations, normalize
 from unike.prompting import collate, encode, pad_id_of
-from unike.subject import occurred, prompt_words, rarest
+from unike.subject import WIDTH, named, occurred, prompt_words, rarest
 
 
 def test_occurred_is_causal_and_carries_what_an_earlier_call_saw():
@@ -21,15 +21,27 @@ def test_occurred_is_causal_and_carries_what_an_earlier_call_saw():
     assert torch.equal(carried[:, 0], seen[:, 3])
 
 
-def test_rarest_takes_the_word_missing_from_the_lookalikes_then_the_rarest():
+def test_rarest_takes_the_words_missing_from_the_lookalikes_then_the_rarest_and_all_that_tie():
     # four fit prompts' words: 1 = "what", 2 = "eat", 3..5 = names
     words = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5]), torch.tensor([1, 2, 3])]
     flat, rows = torch.cat(words), torch.arange(4).repeat_interleave(torch.tensor([len(w) for w in words]))
-    assert rarest(torch.tensor([1, 2, 6]), flat, rows, torch.ones(4, dtype=torch.bool)) == 6       # in none
-    assert rarest(torch.tensor([1, 2, 3]), flat, rows, torch.tensor([False, True, True, False])) == 3
-    assert rarest(torch.tensor([1, 2]), flat, rows, torch.ones(4, dtype=torch.bool)) == 2
-    assert rarest(torch.tensor([], dtype=torch.long), flat, rows, torch.ones(4, dtype=torch.bool)) == -1
-    assert rarest(torch.tensor([1]), flat[:0], rows[:0], torch.ones(0, dtype=torch.bool)) == -1
+    every = torch.ones(4, dtype=torch.bool)
+
+    def subject(ws, lookalike=every):
+        return rarest(torch.tensor(ws, dtype=torch.long), flat, rows, lookalike).tolist()
+    assert subject([1, 2, 6]) == [6, -1, -1, -1]                                    # in no fit prompt
+    assert subject([1, 2, 3], torch.tensor([False, True, True, False])) == [3, -1, -1, -1]   # in no look-alike
+    assert subject([1, 2]) == [2, -1, -1, -1]
+    assert subject([1, 7, 8]) == [7, 8, -1, -1]                 # a fit set that saw neither: both, each needed
+    assert subject([7, 8, 9, 10, 11]) == [7, 8, 9, 10] and WIDTH == 4
+    assert subject([]) == [-1] * 4
+    assert rarest(torch.tensor([1]), flat[:0], rows[:0], every[:0]).tolist() == [-1] * 4
+
+
+def test_named_needs_every_word_of_a_subject():
+    subjects = torch.tensor([[7, 8, -1, -1], [7, -1, -1, -1], [-1, -1, -1, -1]])
+    seen = occurred(torch.tensor([[7, 1, 8]]), subjects.flatten())
+    assert named(seen, subjects)[0].tolist() == [[False, True, True], [False, True, True], [True, True, True]]
 
 
 def test_prompt_words_leave_out_the_answer_and_the_tokens_to_skip():
@@ -75,10 +87,10 @@ def test_a_text_edit_keeps_to_its_subject(text, route_subject):
     editor.reset()
     try:
         editor.edit(unike.EditCase(image=None, prompt=_question(world, subject), target=target))
-        assert (editor.router.subject[-1] >= 0) == route_subject
+        kept = editor.router.subject[-1].tolist()
+        assert kept[1:] == [-1] * 3 and (kept[0] >= 0) == route_subject
         if route_subject:
-            word = editor.processor.tokenizer.convert_ids_to_tokens(int(editor.router.subject[-1]))
-            assert word == subject
+            assert editor.processor.tokenizer.convert_ids_to_tokens(kept[0]) == subject
         assert ask([_question(world, subject, w) for w in range(3)]) == [target] * 3
         changed = sum(a != b for a, b in zip(ask(prompts), before))
         assert (changed == 0) if route_subject else (changed > 0), f"{changed} of {len(prompts)} changed"

@@ -238,7 +238,7 @@ class UniKE:
             self._warned = True
         states = self.collector.states(inputs)
         at = targets(inputs["labels"], eos_id_of(self.model, self.processor))
-        first, radius, subject = states[self.layer_ids[0]], None, -1
+        first, radius, subject = states[self.layer_ids[0]], None, None
         text = cfg.route and cfg.route_subject and first.image is None
         if cfg.route and (cfg.route_lookalikes or text):   # the edit's image radius or subject (its gate), known
             apart = unrelated({l: st.q[at] for l, st in states.items()},      # before training
@@ -250,7 +250,7 @@ class UniKE:
         asked, other, olds = None, None, self.router.owner[:0]
         if cfg.route and cfg.route_rivals and cfg.route_asked:
             asked, other, olds = self._ask(item, first.x[at], first.image, radius)
-        if subject >= 0:                              # an earlier edit of the same subject and question: updated
+        if text:                                      # an earlier edit of the same subject and question: updated
             olds = self.router.same_subject(first.x[at], subject)
         olds = olds if cfg.route_updates else olds[:0]
         if cfg.latent and self.fitted and cfg.write_edit_to_memory:

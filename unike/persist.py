@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .config import UniKEConfig, conforms
 from .router import EditRouter
+from .subject import WIDTH
 
 STATE_FILE, CONFIG_FILE = "unike.safetensors", "unike.json"
 META_FIELDS = {"config": dict, "layer_ids": list[int], "num_layers": int, "hidden_size": int, "fitted": bool,
@@ -132,7 +133,7 @@ def upgrade(editor, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[i
     if "router.radius" not in state and "router.has_image" in state:   # saved before per-edit image thresholds
         state["router.radius"] = torch.full((len(state["router.has_image"]),), editor.config.route_image)
     if "router.subject" not in state and "router.has_image" in state:  # saved before subjects: none (and no
-        state["router.subject"] = torch.full((len(state["router.has_image"]),), -1)   # fit words to choose one)
+        state["router.subject"] = torch.full((len(state["router.has_image"]), WIDTH), -1)   # fit words either)
     for l in ids:   # saved before α had its scale, the memory its entries' edits and masks: raw cosines, no masks
         state.setdefault(f"layers.{l}.memory.alpha.scale", torch.tensor(1.0))
         n_fit, n = int(state.get(f"layers.{l}.memory.n_fit", 0)), len(state.get(f"layers.{l}.memory.keys", ()))

@@ -11,7 +11,7 @@ over the prompt's image tokens, centred on the fit images' mean and normalised, 
 the edit's image radius, τ_img or above it to keep out the fit's look-alikes (`lookalike_radius`). A
 test whose centre is the edit's own state (every fit prompt the edit's) is not made for that edit. An
 edit without an image skips the image test and takes a subject test instead (`unike.subject`,
-`UniKEConfig.route_subject`): it opens only where its subject's token has occurred in the prompt. An edit
+`UniKEConfig.route_subject`): it opens only where its subject's words have occurred in the prompt. An edit
 with an image never fires on a prompt without one. The
 image code is a property of the whole prompt: `UniKE` computes it where the image tokens are and keeps it
 with the KV cache for the generated tokens, so cached and uncached generation agree.
@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from .grow import append
-from .subject import rarest
+from .subject import WIDTH, none, rarest
 
 
 class EditRouter(nn.Module):
@@ -59,9 +59,9 @@ class EditRouter(nn.Module):
         self.register_buffer("rivals", torch.zeros(0, 2, dtype=torch.long))
         # (j, e): edit j, whose knowledge the later edit e updates, is closed wherever e opens (`precede`)
         self.register_buffer("yields", torch.zeros(0, 2, dtype=torch.long))
-        # each edit's subject token (-1: none, as for an edit with an image) and the fit negatives' prompt words
-        # (distinct token ids, flat, and the negative of each), to choose it (`unike.subject`)
-        self.register_buffer("subject", torch.zeros(0, dtype=torch.long))
+        # each edit's subject (`unike.subject`: WIDTH token ids, -1 padded; none for an edit with an image) and
+        # the fit negatives' prompt words (distinct token ids, flat, and the negative of each), to choose it
+        self.register_buffer("subject", torch.zeros(0, WIDTH, dtype=torch.long))
         self.register_buffer("negative_words", torch.zeros(0, dtype=torch.long))
         self.register_buffer("negative_word_rows", torch.zeros(0, dtype=torch.long))
 
@@ -83,7 +83,7 @@ class EditRouter(nn.Module):
         self.negative_images = (self.image_code(images[picks].to(self.mean)) * self.negative_has[:, None]
                                 if has.any() else torch.zeros_like(self.negatives))
         kept = [words[i] for i in picks.tolist()] if words is not None and len(words) == len(questions) else []
-        self.negative_words = torch.cat([w.long() for w in kept] + [self.subject.new_zeros(0)]).to(self.mean.device)
+        self.negative_words = torch.cat([w.long() for w in kept] + [self.rows.new_zeros(0)]).to(self.mean.device)
         self.negative_word_rows = torch.arange(len(kept)).repeat_interleave(
             torch.tensor([len(w) for w in kept], dtype=torch.long)).to(self.mean.device)
         self.truncate(0)
@@ -126,39 +126,41 @@ class EditRouter(nn.Module):
 
     @torch.no_grad()
     def subject_of(self, words: Int[Tensor, " w"], targets: Float[Tensor, "p d"],
-                   apart: Bool[Tensor, " m"] | None = None) -> int:
-        """An edit's subject token (`unike.subject.rarest`): among its prompt's `words`, the one in the fewest
-        fit negatives its question test passes (that hold other knowledge, given `apart`), then in the
-        fewest fit negatives; -1 where the router kept no words of them."""
+                   apart: Bool[Tensor, " m"] | None = None) -> Int[Tensor, " s"]:
+        """An edit's subject (`unike.subject.rarest`): among its prompt's `words`, those in the fewest fit
+        negatives its question test passes (that hold other knowledge, given `apart`), then in the fewest
+        fit negatives; none where the router kept no words of them."""
         keys = self.standardize(targets.to(self.keys.device))
         near = (self.negatives @ keys.T >= self.tau_question).any(-1)
         if apart is not None and len(apart) == len(near):
             near = near & apart.to(near.device)
         return rarest(words, self.negative_words, self.negative_word_rows, near)
 
-    def holding(self, subject: int) -> Bool[Tensor, " m"] | None:
-        """Which fit negatives' prompts hold the word `subject`; None where that is not known."""
-        if subject < 0 or not len(self.negative_words):
+    def holding(self, subject: Int[Tensor, " s"] | None) -> Bool[Tensor, " m"] | None:
+        """Which fit negatives' prompts hold every word of `subject`; None where that is not known."""
+        if subject is None or not bool((subject >= 0).any()) or not len(self.negative_words):
             return None
-        rows = self.negative_word_rows[self.negative_words == subject]
-        return torch.zeros(len(self.negatives), dtype=torch.bool, device=rows.device).index_fill(0, rows, True)
+        words = subject[subject >= 0].to(self.negative_words.device)
+        hit = (self.negative_words[:, None] == words[None]).any(1).float()
+        count = hit.new_zeros(len(self.negatives)).index_add_(0, self.negative_word_rows, hit)
+        return count == len(words)
 
-    def same_subject(self, targets: Float[Tensor, "p d"], subject: int) -> Int[Tensor, " j"]:
-        """The committed edits with the subject `subject` whose question tests overlap that of `targets`: a
+    def same_subject(self, targets: Float[Tensor, "p d"], subject: Int[Tensor, " s"] | None) -> Int[Tensor, " j"]:
+        """The committed edits with this very `subject` whose question tests overlap that of `targets`: a
         text-only edit of the same knowledge, which a new one updates (`precede`)."""
-        if subject < 0:
+        if subject is None or not bool((subject >= 0).any()):
             return self.owner[:0]
         keys = self.standardize(targets.to(self.keys.device))
-        return (self._overlap(keys) & (self.subject == subject)).nonzero()[:, 0]
+        return (self._overlap(keys) & (self.subject == subject.to(self.subject.device)).all(1)).nonzero()[:, 0]
 
     @torch.no_grad()
     def add(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, everywhere: bool = False,
-            radius: float | None = None, subject: int = -1) -> None:
+            radius: float | None = None, subject: Int[Tensor, " s"] | None = None) -> None:
         """Enter one edit: its states at the target positions and its image code (None: no image);
         `everywhere`: let it act at every position (the speed bench's synthetic edits); `radius`: its image
-        threshold (None: τ_img); `subject`: its subject token (-1: none)."""
+        threshold (None: τ_img); `subject`: its subject (`unike.subject`; None: none)."""
         keys, code, seen, is_open = self.entry(targets, image)
-        append(self, "subject", self.subject.new_tensor([subject]))
+        append(self, "subject", (none() if subject is None else subject).to(self.subject)[None])
         append(self, "radius", self.radius.new_tensor([self.tau_image if radius is None else radius]))
         append(self, "open", self.open.new_tensor([everywhere or is_open]))
         append(self, "keys", keys)
@@ -186,7 +188,7 @@ class EditRouter(nn.Module):
 
     def negative_scope(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None, fit: int,
                        prompt: Float[Tensor, "r d"], extra: Float[Tensor, "s d"] | None = None,
-                       radius: float | None = None, subject: int = -1,
+                       radius: float | None = None, subject: Int[Tensor, " s"] | None = None,
                        prompt_holds: Bool[Tensor, " r"] | None = None) -> Bool[Tensor, " m"]:
         """Which of a new edit's negatives its gate will reach, in `train_neurons`' order: the `fit`
         negatives, the earlier edits' target positions, the edit's own prompt positions and `extra` ones
@@ -197,7 +199,9 @@ class EditRouter(nn.Module):
         fit_ok = (self.reaches(targets, image, self.negatives, self.negative_images, self.negative_has, radius,
                                self.holding(subject))
                   if len(self.negatives) == fit else torch.ones(fit, dtype=torch.bool, device=self.keys.device))
-        other = (self.subject >= 0) & (self.subject != subject) if subject >= 0 else torch.zeros_like(self.has_image)
+        other = torch.zeros_like(self.has_image)
+        if subject is not None and bool((subject >= 0).any()):
+            other = (self.subject >= 0).any(1) & ~(self.subject == subject.to(self.subject.device)).all(1)
         earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner], radius,
                                ~other[self.owner])
         own = self.reaches(targets, image, self.standardize(prompt.to(self.keys.device)), holds=prompt_holds)
@@ -206,7 +210,7 @@ class EditRouter(nn.Module):
 
     @torch.no_grad()
     def changed(self, targets: Float[Tensor, "p d"], image: Float[Tensor, " d"] | None,
-                radius: float | None = None, subject: int = -1) -> Tensor:
+                radius: float | None = None, subject: Int[Tensor, " s"] | None = None) -> Tensor:
         """The fit rows (memory entries) a new edit's gate reaches, whose facts it changes; none where the
         router lacks their features or the gate would reach every one (an edit at the fit mean)."""
         if not len(self.rows) or len(self.rows) != len(self.negatives):
@@ -294,7 +298,8 @@ class EditRouter(nn.Module):
                 holds: Bool[Tensor, "b t e"] | None = None) -> Bool[Tensor, "b t e"]:
         """g_e(t) for every committed edit; `image`: the prompts' mean image-token states, `has`: which
         prompts show an image (None: unknown, e.g. a model fed embeddings; the image test is then skipped);
-        `holds`: whether each edit's subject has occurred up to each position (None: not known, skipped).
+        `holds`: whether each edit's subject has occurred up to each position (`unike.subject.named`; None:
+        not known, skipped).
         An edit with rivals passes the image test only where the image is closer to its own than to theirs.
         The image test comes first, and only the keys of edits it lets through somewhere are tested, so
         that the cost follows the edits near the prompts' images rather than every edit committed."""

@@ -16,7 +16,7 @@ from .hooks import Hooks
 from .layer import Switch, follow
 from .roles import image_mask
 from .router import EditRouter, image_codes, yield_to
-from .subject import occurred
+from .subject import named, occurred
 
 
 class Pending(NamedTuple):
@@ -27,7 +27,7 @@ class Pending(NamedTuple):
     image: Float[Tensor, " d"] | None
     radius: float | None
     updates: Int[Tensor, " u"]
-    subject: int = -1
+    subject: Int[Tensor, " s"] | None = None
 
 
 class Scope:
@@ -105,18 +105,19 @@ class Scope:
         else:                          # the prompts' mean image states, as the router's codes, for each position
             codes, has = self.router.image_code(codes).repeat_interleave(t, 0), has.repeat_interleave(t, 0)
         p = self.pending
-        holds = None if p.subject < 0 else self.holds(x, torch.tensor([p.subject]))
+        holds = None if p.subject is None or not bool((p.subject >= 0).any()) else self.holds(x, p.subject[None])
         return self.router.reaches(p.targets, p.image, z, codes, has, p.radius,
                                    None if holds is None else holds.reshape(b * t)).reshape(b, t)
 
-    def holds(self, x: Float[Tensor, "b t d"], words: Int[Tensor, " k"],
+    def holds(self, x: Float[Tensor, "b t d"], subjects: Int[Tensor, "k w"],
               keep: bool = False) -> Bool[Tensor, "b t k"] | None:
-        """Whether each of `words` (the edits' subjects; -1: none, held everywhere) has occurred in the
-        prompts up to each position of x (`unike.subject.occurred`); with `keep`, carried with the KV cache
-        for the generated tokens. None where the model does not run input_ids' tokens as they are."""
+        """Whether every word of each of `subjects` (`unike.subject`; none: held everywhere) has occurred in
+        the prompts up to each position of x; with `keep`, what occurred is carried with the KV cache for
+        the generated tokens. None where the model does not run input_ids' tokens as they are."""
         ids, cache = self.call
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] > x.shape[1]:
             return None
+        words = subjects.flatten()
         before = self.words.get(cache) if keep and cache is not None else None
         if before is not None and before.shape != (len(ids), len(words)):
             before = None
@@ -124,7 +125,7 @@ class Scope:
         if keep and cache is not None:
             self.words[cache] = seen[:, -1]
         prefix = seen.new_zeros(len(ids), x.shape[1] - ids.shape[1], len(words))   # what the model prepends
-        return torch.cat([prefix, seen], 1) | (words < 0).to(seen.device)
+        return named(torch.cat([prefix, seen], 1), subjects)
 
     def image_codes(self, x: Float[Tensor, "b t d"]) -> tuple[Tensor | None, Tensor | None]:
         """The prompts' image codes and which prompts have one; (None, None) where the model does not mark

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -21,7 +21,7 @@ from .layer import EditedLayer
 from .prompting import IGNORE
 from .roles import target_positions
 from .router import EditRouter
-from .subject import occurred
+from .subject import named, occurred
 
 
 @contextlib.contextmanager
@@ -94,7 +94,8 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
                   states: dict[int, BatchStates], at: Bool[Tensor, "b t"],
                   extra: tuple[dict[int, Tensor], Tensor] | None = None, router: EditRouter | None = None,
                   progress: bool = False, radius: float | None = None,
-                  updates: Bool[Tensor, " k"] | None = None, subject: int = -1) -> dict[str, float]:
+                  updates: Bool[Tensor, " k"] | None = None,
+                  subject: Int[Tensor, " s"] | None = None) -> dict[str, float]:
     """Add and train one edit's neurons in every layer (positions `at`, from `targets`), then commit them.
     Negatives: fit questions' FFN inputs, earlier edits' (so a sequence of edits does not overwrite itself),
     the edit's own prompt positions and `extra` (other questions over the edit's image: their FFN inputs
@@ -105,7 +106,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     its gate reaches only: elsewhere the gate keeps them silent. `updates`: the rows of the earlier edits'
     inputs (`EditedLayer.edited`) at the question of the edits this one updates (`EditRouter.precede`): the
     same knowledge, so not negatives; the neurons at the question's last token fire there too, where the
-    gate reaches. `subject`: the edit's subject token (`unike.subject`; -1: none), which its gate needs."""
+    gate reaches. `subject`: the edit's subject (`unike.subject`; None: none), which its gate needs."""
     cfg, labels = config, inputs["labels"]
     pos_mask = target_positions(labels)                       # positions that predict target tokens
     neg_mask = inputs["attention_mask"].bool() & ~pos_mask & (labels == IGNORE)
@@ -123,7 +124,8 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     reach = torch.ones_like(keep)
     if router is not None:
         l0 = min(layers)                                      # the router's layer
-        holds = occurred(inputs["input_ids"], torch.tensor([subject]))[..., 0][neg_mask] if subject >= 0 else None
+        holds = (None if subject is None or not bool((subject >= 0).any())
+                 else named(occurred(inputs["input_ids"], subject), subject[None])[..., 0][neg_mask])
         reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
                                       states[l0].x[neg_mask], extra_x, radius, subject, holds).to(keep.device)
     first = assign == 0                                       # neurons at the question's last token
