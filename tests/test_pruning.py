@@ -207,6 +207,7 @@ def test_a_gate_that_lets_no_edit_through_leaves_the_committed_block_out():
     assert patch._through_cache[3] is through and not len(through)
     patch.discard()
     assert torch.equal(patch(x, shut), torch.zeros_like(x))
+    assert blocks[-1] == patch.keys.shape[1]    # outside training the block runs: `activation` sees every neuron
 
 
 def _patch(d=16, n=4, edits=3, seed=0, sparse=False):

@@ -124,11 +124,14 @@ class NeuronPatch(Reachable, nn.Module):
         e, out = self.edits, 0
         if held:
             out = held["out"]
-        elif e and (gate is None or len(self.let_through(gate))):     # (an edit's steps keep what it lets through)
+        elif e and (self.pending is None or gate is None or len(self.let_through(gate))):
             reached = self.reachable(x, gate)
             gate = None if gate is None else gate.reshape(*x.shape[:-1], e).to(dev)
-            out = 0 if reached is not None and not len(reached) else self._block(
-                x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e], reached, gate)
+            # while an edit trains, no reachable edit adds an exact zero, left out (an edit's steps keep what
+            # its gate lets through); outside, `activation` still runs on every neuron, for readers (nnsight)
+            skip = self.pending is not None and reached is not None and not len(reached)
+            out = 0 if skip else self._block(x, self.keys.to(dev), self.bias.to(dev), self.values.to(dev), zeta[:e],
+                                             reached, gate)
             if held is not None and not (isinstance(out, Tensor) and out.requires_grad):
                 held["out"] = out
         if self.pending is not None:
