@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 from .collect import tokens
 from .hooks import Hooks
 from .layer import Switch, follow
+from .reach import kept
 from .roles import image_mask
 from .router import EditRouter, image_codes, yield_to
 from .subject import named, occurred
@@ -86,8 +87,9 @@ class Scope:
         if not (self.switch.enabled and cfg.route and (cfg.intrinsic or cfg.latent) and self.router.edits):
             return None
         image, has = self.image_codes(x)
-        subjects = self.router.subject
-        holds = self.holds(x, subjects, keep=True) if bool((subjects >= 0).any()) else None
+        subjects = self.router.subject            # whether any edit has one: kept until an edit is added
+        any_subject = kept(self.router, "_subject_cache", (subjects,), lambda: bool((subjects >= 0).any()))
+        holds = self.holds(x, subjects, keep=True) if any_subject else None
         return follow(self.router, x)(x, image, has, holds)
 
     def pending_gate(self, x: Float[Tensor, "b t d"]) -> Bool[Tensor, "b t"] | None:
