@@ -126,19 +126,20 @@ class EditRouter(nn.Module):
 
     @torch.no_grad()
     def subject_of(self, words: Int[Tensor, " w"], targets: Float[Tensor, "p d"],
-                   apart: Bool[Tensor, " m"] | None = None) -> Int[Tensor, " s"]:
+                   apart: Bool[Tensor, " m"] | None = None) -> Int[Tensor, " s"] | None:
         """An edit's subject (`unike.subject.rarest`): among its prompt's `words`, those in the fewest fit
         negatives its question test passes (that hold other knowledge, given `apart`), then in the fewest
-        fit negatives; none where the router kept no words of them."""
+        fit negatives; None where there are no words to choose from (or the router kept none of them)."""
         keys = self.standardize(targets.to(self.keys.device))
         near = (self.negatives @ keys.T >= self.tau_question).any(-1)
         if apart is not None and len(apart) == len(near):
             near = near & apart.to(near.device)
-        return rarest(words, self.negative_words, self.negative_word_rows, near)
+        subject = rarest(words, self.negative_words, self.negative_word_rows, near)
+        return None if bool((subject < 0).all()) else subject
 
     def holding(self, subject: Int[Tensor, " s"] | None) -> Bool[Tensor, " m"] | None:
         """Which fit negatives' prompts hold every word of `subject`; None where that is not known."""
-        if subject is None or not bool((subject >= 0).any()) or not len(self.negative_words):
+        if subject is None or not len(self.negative_words):
             return None
         words = subject[subject >= 0].to(self.negative_words.device)
         hit = (self.negative_words[:, None] == words[None]).any(1).float()
@@ -148,7 +149,7 @@ class EditRouter(nn.Module):
     def same_subject(self, targets: Float[Tensor, "p d"], subject: Int[Tensor, " s"] | None) -> Int[Tensor, " j"]:
         """The committed edits with this very `subject` whose question tests overlap that of `targets`: a
         text-only edit of the same knowledge, which a new one updates (`precede`)."""
-        if subject is None or not bool((subject >= 0).any()):
+        if subject is None:
             return self.owner[:0]
         keys = self.standardize(targets.to(self.keys.device))
         return (self._overlap(keys) & (self.subject == subject.to(self.subject.device)).all(1)).nonzero()[:, 0]
@@ -200,7 +201,7 @@ class EditRouter(nn.Module):
                                self.holding(subject))
                   if len(self.negatives) == fit else torch.ones(fit, dtype=torch.bool, device=self.keys.device))
         other = torch.zeros_like(self.has_image)
-        if subject is not None and bool((subject >= 0).any()):
+        if subject is not None:
             other = (self.subject >= 0).any(1) & ~(self.subject == subject.to(self.subject.device)).all(1)
         earlier = self.reaches(targets, image, self.keys, self.images[self.owner], self.has_image[self.owner], radius,
                                ~other[self.owner])

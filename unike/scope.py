@@ -107,7 +107,7 @@ class Scope:
         else:                          # the prompts' mean image states, as the router's codes, for each position
             codes, has = self.router.image_code(codes).repeat_interleave(t, 0), has.repeat_interleave(t, 0)
         p = self.pending
-        holds = None if p.subject is None or not bool((p.subject >= 0).any()) else self.holds(x, p.subject[None])
+        holds = None if p.subject is None else self.holds(x, p.subject[None])
         return self.router.reaches(p.targets, p.image, z, codes, has, p.radius,
                                    None if holds is None else holds.reshape(b * t)).reshape(b, t)
 

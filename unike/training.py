@@ -124,7 +124,7 @@ def train_neurons(model: nn.Module, layers: dict[int, EditedLayer], config: UniK
     reach = torch.ones_like(keep)
     if router is not None:
         l0 = min(layers)                                      # the router's layer
-        holds = (None if subject is None or not bool((subject >= 0).any())
+        holds = (None if subject is None                      # where the edit's own prompt has named its subject
                  else named(occurred(inputs["input_ids"], subject), subject[None])[..., 0][neg_mask])
         reach = router.negative_scope(states[l0].x[rows, cols], states[l0].image, len(layers[l0].negatives),
                                       states[l0].x[neg_mask], extra_x, radius, subject, holds).to(keep.device)
